@@ -1,0 +1,17 @@
+"""kdcore: plugin-based knowledge distillation for PyTorch.
+
+>>> import kdcore
+>>> kdcore.available("loss")          # doctest: +SKIP
+>>> loss = kdcore.create("loss", "kd", temperature=4.0)
+"""
+
+__version__ = "0.1.0"
+
+from kdcore.api import available, create
+from kdcore.errors import ConfigError, PluginError, UnknownComponentError
+from kdcore.hookspecs import hookimpl
+from kdcore.losses import LogitLoss
+from kdcore.plugins import reload_plugins
+
+__all__ = ["__version__", "available", "create", "hookimpl", "ConfigError", "PluginError",
+           "UnknownComponentError", "LogitLoss", "reload_plugins"]

@@ -1,0 +1,60 @@
+"""Built-in loss terms: ``ce``, ``kd`` (Hinton et al. 2015) and ``rkd`` (reverse KL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from kdcore import params
+from kdcore.functional import kl_rows, log_softmax_t
+from kdcore.losses import LogitLoss, Spec, resolve_divergence
+
+
+class CrossEntropy(LogitLoss):
+    """``ce``: cross entropy with the labels (no temperature); ``label_smoothing``
+    mixes the one-hot target with the uniform distribution (Szegedy et al. 2016)."""
+
+    uses_teacher = False
+    uses_target = True
+
+    def __init__(self, *, label_smoothing: float = 0.0, chunk_size: int | None = None):
+        super().__init__(chunk_size=chunk_size)
+        self.label_smoothing = params.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+
+    def rows(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(student, target, reduction="none",
+                                                 label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing:g}"
+
+
+class KD(LogitLoss):
+    """``kd``: Hinton et al. (2015), ``T^2 * D(p^T || q^T)`` with D = KL by default.
+
+    ``divergence=`` takes any registered divergence (name, ``{"name": ..}``
+    table or object), e.g. ``{"name": "ab", "alpha": 0.8, "beta": 0.3}``.
+    """
+
+    def __init__(self, *, temperature: float = 4.0, divergence: Spec | None = None,
+                 transforms: Sequence[Spec] | None = None, chunk_size: int | None = None):
+        super().__init__(temperature=temperature, transforms=transforms, chunk_size=chunk_size)
+        self.divergence = resolve_divergence(divergence)
+
+    def rows(self, student: Tensor, teacher: Tensor, target: Tensor | None) -> Tensor:
+        t = self.temperature
+        return t * t * self.divergence(log_softmax_t(teacher, t), log_softmax_t(student, t))
+
+
+class ReverseKD(LogitLoss):
+    """``rkd``: reverse KL ``T^2 * KL(q^T || p^T)`` (mode-seeking)."""
+
+    def __init__(self, *, temperature: float = 1.0, transforms: Sequence[Spec] | None = None,
+                 chunk_size: int | None = None):
+        super().__init__(temperature=temperature, transforms=transforms, chunk_size=chunk_size)
+
+    def rows(self, student: Tensor, teacher: Tensor, target: Tensor | None) -> Tensor:
+        t = self.temperature
+        return t * t * kl_rows(log_softmax_t(student, t), log_softmax_t(teacher, t))

@@ -1,0 +1,41 @@
+"""The built-in plugin: registered through the same hooks as any other plugin."""
+
+from __future__ import annotations
+
+from kdcore.builtin import backbones, datasets, divergences, losses, schedulers, transforms
+from kdcore.hookspecs import hookimpl
+
+
+@hookimpl
+def register_losses(register):
+    register("ce", losses.CrossEntropy)
+    register("kd", losses.KD)
+    register("rkd", losses.ReverseKD)
+
+
+@hookimpl
+def register_divergences(register):
+    register("kl", divergences.KL)
+    register("rkl", divergences.ReverseKL)
+
+
+@hookimpl
+def register_transforms(register):
+    register("temperature", transforms.Temperature)
+    register("label_smoothing", transforms.LabelSmoothing)
+
+
+@hookimpl
+def register_schedulers(register):
+    register("fixed", schedulers.Fixed)
+    register("linear", schedulers.Linear)
+
+
+@hookimpl
+def register_backbones(register):
+    register("mlp", backbones.MLP)
+
+
+@hookimpl
+def register_datasets(register):
+    register("gaussian_mixture", datasets.gaussian_mixture)

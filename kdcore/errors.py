@@ -1,0 +1,45 @@
+"""Exceptions raised by kdcore.
+
+They separate a user's mistake (``ConfigError``, ``UnknownComponentError``:
+the CLI prints one line and exits 2) from a broken plugin (``PluginError``).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class ConfigError(ValueError):
+    """An unknown or invalid parameter or configuration key.
+
+    The message starts with the key path or parameter name it concerns,
+    e.g. ``loss[1].temperature: must be > 0``.
+    """
+
+    def with_path(self, path: str) -> "ConfigError":
+        """The same error with ``path`` prefixed to its key path."""
+        msg = str(self)
+        sep = "" if msg.startswith(("[", ".")) else "."
+        return ConfigError(f"{path}{sep}{msg}" if path else msg)
+
+
+class UnknownComponentError(LookupError):
+    """A component name that no plugin registered for that kind."""
+
+    def __init__(self, kind: str, name: str, available: list[str]):
+        close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        listing = ", ".join(available) if available else "none registered"
+        super().__init__(f"unknown {kind} {name!r}{hint} (available: {listing})")
+        self.kind, self.name, self.close_matches = kind, name, close
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return self.args[0]
+
+
+class PluginError(RuntimeError):
+    """A plugin that cannot be loaded or registers something invalid."""
+
+
+class DuplicateComponentError(PluginError):
+    """Two plugins registered the same name for one kind."""

@@ -1,0 +1,81 @@
+"""Numerically robust building blocks shared by the distillation losses.
+
+Conventions (methods.md): everything works in log space; a probability that
+is exactly 0 (a ``-inf`` logit, e.g. a padded vocabulary column, or an
+underflow) contributes 0 to a sum ``p * (...)`` and no NaN to the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def log_softmax_t(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / T)`` over the last dim, in float32 at least."""
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+
+
+def masked_where_zero(p: Tensor, x: Tensor) -> Tensor:
+    """``x`` with entries where ``p == 0`` replaced by 0, gradient-safe."""
+    return x.masked_fill(p == 0, 0.0)
+
+
+def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """``KL(p || q) = sum_k p_k (log p_k - log q_k)`` per row (last dim reduced).
+
+    Terms with ``p_k = 0`` are exactly 0 even where ``log q_k = -inf``.
+    """
+    p = p_logp.exp()
+    diff = masked_where_zero(p, p_logp) - masked_where_zero(p, q_logp)
+    return (p * diff).sum(-1)
+
+
+def ce_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """Cross entropy ``-sum_k p_k log q_k`` per row, 0 where ``p_k = 0``."""
+    p = p_logp.exp()
+    return -(p * masked_where_zero(p, q_logp)).sum(-1)
+
+
+def target_logp(logp: Tensor, target: Tensor) -> Tensor:
+    """``log p_t`` per row."""
+    return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def split_target(logp: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Decompose a distribution around the target class (tand.txt sec. 2).
+
+    Returns ``(log_b, log_rho)``: ``log_b = [log p_t, log(1 - p_t)]`` (shape
+    ``[..., 2]``) and ``log_rho``, the non-target distribution renormalised over
+    classes ``!= t`` (``-inf`` at the target). ``log(1 - p_t)`` is the
+    log-sum-exp of the non-target log-probabilities, exact even where
+    ``1 - p_t`` underflows.
+    """
+    idx = target.unsqueeze(-1)
+    log_pt = logp.gather(-1, idx).squeeze(-1)
+    nontarget = logp.scatter(-1, idx, float("-inf"))
+    log_rest = torch.logsumexp(nontarget, dim=-1)
+    finite_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
+    log_rho = nontarget - finite_rest.unsqueeze(-1)
+    return torch.stack([log_pt, log_rest], dim=-1), log_rho
+
+
+def flatten_rows(student: Tensor, teacher: Tensor | None, target: Tensor | None
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Check shapes and flatten ``[B, T, C]`` / ``[B, T]`` to ``[N, C]`` / ``[N]``."""
+    if student.dim() < 2:
+        raise ValueError(f"student logits must be [N, C] or [B, T, C], got shape {tuple(student.shape)}")
+    if teacher is not None and teacher.shape != student.shape:
+        raise ValueError(f"teacher logits {tuple(teacher.shape)} and student logits "
+                         f"{tuple(student.shape)} differ in shape")
+    if target is not None and tuple(target.shape) != tuple(student.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits "
+                         f"{tuple(student.shape)} (expected {tuple(student.shape[:-1])})")
+    c = student.shape[-1]
+    s = student.reshape(-1, c)
+    t = None if teacher is None else teacher.reshape(-1, c)
+    y = None if target is None else target.reshape(-1)
+    return s, t, y

@@ -1,0 +1,166 @@
+"""The logit-loss contract and its shared machinery.
+
+A logit loss is called ``loss(student_logits, teacher_logits, target)`` with
+``[N, C]`` logits and ``[N]`` targets, or ``[B, T, C]`` and ``[B, T]`` (token
+level); positions whose target is ``-100`` are ignored and the result is the
+mean over kept positions. Subclasses of :class:`LogitLoss` only write
+:meth:`LogitLoss.rows`, the per-row value on float32 rows; this class does the
+flattening, masking, dtype handling, teacher transforms and the optional
+chunked evaluation (``chunk_size``) that bounds memory on large vocabularies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdcore import params
+from kdcore.errors import ConfigError
+from kdcore.functional import IGNORE_INDEX, flatten_rows
+
+Spec = str | Mapping[str, Any] | Callable[..., Any]
+
+
+def build(kind: str, spec: Spec, path: str) -> Any:
+    """Resolve a component given by name, ``{"name": ..., **params}`` or object."""
+    from kdcore.api import create
+
+    if isinstance(spec, str):
+        return create(kind, spec)
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"{path}.name: a {kind} table needs a 'name'")
+        try:
+            return create(kind, name, **spec)
+        except ConfigError as exc:
+            raise exc.with_path(path) from exc
+    if callable(spec):
+        return spec
+    raise ConfigError(f"{path}: expected a {kind} name, a table with 'name', or a {kind} object, got {spec!r}")
+
+
+def resolve_divergence(spec: Spec | None, path: str = "divergence", default: str = "kl") -> Any:
+    """A divergence from a registered name, a ``{"name": ..., **params}`` mapping or an object."""
+    return build("divergence", default if spec is None else spec, path)
+
+
+def resolve_transforms(specs: Sequence[Spec] | None, path: str = "transforms") -> list[Any]:
+    """A chain of teacher transforms (each a name, a mapping or an object)."""
+    if specs is None:
+        return []
+    if isinstance(specs, (str, Mapping)) or callable(specs):
+        specs = [specs]
+    return [build("transform", s, f"{path}[{i}]") for i, s in enumerate(specs)]
+
+
+class _ChunkedRowSum(torch.autograd.Function):
+    """Sum of ``fn(rows)`` over row chunks, with the input gradients computed
+    chunk by chunk during the forward pass, so that no chunk's intermediates
+    outlive it: memory is the gradient buffers plus one chunk's work."""
+
+    @staticmethod
+    def forward(ctx, fn, chunk_size, student, teacher, target):  # noqa: D401
+        need_s = student.requires_grad
+        need_t = teacher is not None and teacher.requires_grad
+        grad_s = torch.zeros_like(student) if need_s else None
+        grad_t = torch.zeros_like(teacher) if need_t else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, student.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                s = student[sl].detach().requires_grad_(need_s)
+                t = None if teacher is None else teacher[sl].detach().requires_grad_(need_t)
+                value = fn(s, t, None if target is None else target[sl])
+                inputs = [x for x, need in ((s, need_s), (t, need_t)) if need]
+                grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs else ()
+            it = iter(grads)
+            for buf, need in ((grad_s, need_s), (grad_t, need_t)):
+                if need:
+                    g = next(it)
+                    if g is not None:
+                        buf[sl] = g
+            total += value.detach()
+        ctx.save_for_backward(grad_s, grad_t)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_s, grad_t = ctx.saved_tensors
+        if grad_s is not None:
+            grad_s = grad_s.mul_(grad_out.to(grad_s.dtype))
+        if grad_t is not None:
+            grad_t = grad_t.mul_(grad_out.to(grad_t.dtype))
+        return None, None, grad_s, grad_t, None
+
+
+class LogitLoss(nn.Module):
+    """Base class of logit losses (see the module docstring).
+
+    Parameters common to every logit loss:
+
+    - ``temperature``: T, the softening temperature (methods.md conventions);
+    - ``transforms``: a chain of teacher soft-label transforms, applied to the
+      teacher's log-probabilities at T=1 before the loss's own temperature
+      (``log_softmax(log p / T)`` is the softened transformed teacher);
+    - ``chunk_size``: evaluate rows in chunks of this many, computing the
+      input gradients chunk by chunk (bounded memory for large vocabularies).
+    """
+
+    #: whether the loss needs teacher logits (False: a supervised term such as ce)
+    uses_teacher: bool = True
+    #: whether the loss needs the labels
+    uses_target: bool = False
+
+    def __init__(self, *, temperature: float = 1.0, transforms: Sequence[Spec] | None = None,
+                 chunk_size: int | None = None):
+        super().__init__()
+        self.temperature = params.positive("temperature", temperature)
+        self.transforms = resolve_transforms(transforms)
+        self.chunk_size = params.positive_int("chunk_size", chunk_size, optional=True)
+
+    def rows(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+        """Per-row loss ``[n]`` from float32 rows ``[n, C]``.
+
+        ``teacher`` is the teacher's logits, or, when transforms are set, the
+        transformed teacher log-probabilities (equivalent logits). ``target``
+        has ignored rows replaced by class 0; their values are discarded.
+        """
+        raise NotImplementedError
+
+    def teacher_side(self, teacher: Tensor, target: Tensor | None) -> Tensor:
+        if not self.transforms:
+            return teacher
+        logp = torch.log_softmax(teacher, dim=-1)
+        for transform in self.transforms:
+            logp = transform(logp, target)
+        return logp
+
+    def _row_sum(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+        s = student.float()
+        t = None if teacher is None else self.teacher_side(teacher.float(), target)
+        if target is None:
+            return self.rows(s, t, None).sum()
+        keep = target != IGNORE_INDEX
+        values = self.rows(s, t, target.masked_fill(~keep, 0))
+        return torch.where(keep, values, torch.zeros_like(values)).sum()
+
+    def forward(self, student: Tensor, teacher: Tensor | None = None, target: Tensor | None = None) -> Tensor:
+        if self.uses_teacher and teacher is None:
+            raise ValueError(f"{type(self).__name__} needs teacher logits")
+        if self.uses_target and target is None:
+            raise ValueError(f"{type(self).__name__} needs targets")
+        s, t, y = flatten_rows(student, teacher if self.uses_teacher else None, target)
+        if self.chunk_size is None or s.shape[0] <= self.chunk_size:
+            total = self._row_sum(s, t, y)
+        else:
+            total = _ChunkedRowSum.apply(self._row_sum, self.chunk_size, s, t, y)
+        count = s.shape[0] if y is None else (y != IGNORE_INDEX).sum().clamp(min=1)
+        return total / count
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature:g}"

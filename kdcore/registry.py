@@ -1,0 +1,130 @@
+"""The component registry: ``available(kind)`` and ``create(kind, name, **params)``.
+
+A :class:`Registry` is built by :func:`kdcore.plugins.load_registry` from the
+installed plugins; it is an immutable value, so tests can build as many as
+they like with different plugin sets.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from kdcore.errors import ConfigError, UnknownComponentError
+from kdcore.hookspecs import KINDS
+
+
+@attrs.frozen
+class Component:
+    """One registered factory and where it came from."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    dist: str | None = None
+    version: str | None = None
+
+
+@attrs.frozen
+class FailedPlugin:
+    """A plugin that could not be loaded, with the reason."""
+
+    name: str
+    reason: str
+    dist: str | None = None
+    version: str | None = None
+
+
+@attrs.frozen
+class PluginInfo:
+    """A loaded plugin and the components it registered."""
+
+    name: str
+    dist: str | None
+    version: str | None
+    components: tuple[Component, ...] = ()
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
+    return kind
+
+
+def accepted_parameters(factory: Callable[..., Any]) -> tuple[set[str], bool]:
+    """Names a factory accepts as keywords, and whether it takes any (``**kw``).
+
+    For a class whose ``__init__`` forwards ``**kwargs`` to its base, the
+    parameters of the bases are collected too.
+    """
+    names: set[str] = set()
+    targets = [c.__init__ for c in inspect.getmro(factory) if "__init__" in vars(c)] \
+        if inspect.isclass(factory) else [factory]
+    for fn in targets:
+        if fn is object.__init__:
+            break
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # builtins without a signature
+            return names, True
+        params = list(sig.parameters.values())
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names.discard("self")
+            return names, False
+    names.discard("self")
+    return names, True
+
+
+def check_parameters(component: Component, params: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a parameter the factory does not take."""
+    accepted, open_ended = accepted_parameters(component.factory)
+    if open_ended:
+        return
+    for key in params:
+        if key not in accepted:
+            ok = ", ".join(sorted(accepted)) or "none"
+            raise ConfigError(
+                f"{key}: unknown parameter of {component.kind} {component.name!r} (accepted: {ok})"
+            )
+
+
+@attrs.frozen
+class Registry:
+    """Components by kind and name, plus the plugins that provided them."""
+
+    components: Mapping[str, Mapping[str, Component]]
+    plugins: tuple[PluginInfo, ...] = ()
+    failed: tuple[FailedPlugin, ...] = ()
+    #: the pluggy manager, for hooks other than registration (e.g. commands)
+    hooks: Any = attrs.field(default=None, eq=False, repr=False)
+
+    def available(self, kind: str) -> list[str]:
+        """Sorted names registered for ``kind``."""
+        return sorted(self.components.get(check_kind(kind), {}))
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component registered as ``name`` for ``kind``."""
+        table = self.components.get(check_kind(kind), {})
+        if not isinstance(name, str) or name not in table:
+            raise UnknownComponentError(kind, str(name), sorted(table))
+        return table[name]
+
+    def create(self, kind: str, name: str, **params: Any) -> Any:
+        """Build component ``name`` of ``kind`` with keyword ``params``.
+
+        Unknown names raise :class:`UnknownComponentError` with close matches;
+        unknown or invalid parameters raise :class:`ConfigError`.
+        """
+        component = self.get(kind, name)
+        check_parameters(component, params)
+        try:
+            return component.factory(**params)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{kind} {name!r}: {exc}") from exc
