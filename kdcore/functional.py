@@ -79,3 +79,14 @@ def flatten_rows(student: Tensor, teacher: Tensor | None, target: Tensor | None
     t = None if teacher is None else teacher.reshape(-1, c)
     y = None if target is None else target.reshape(-1)
     return s, t, y
+
+
+def decoupled_terms(teacher_logp: Tensor, student_logp: Tensor, target: Tensor,
+                    tckd_divergence, nckd_divergence) -> tuple[Tensor, Tensor]:
+    """Per-row ``(TCKD, NCKD)`` of Decoupled KD (Zhao et al. 2022; tand.txt eq. 3-5):
+    ``TCKD = D_t(b^t || b^s)`` on the binary target-vs-rest distributions and
+    ``NCKD = D_n(rho^t || rho^s)`` on the renormalised non-target distributions.
+    With D = KL, ``KL(p || q) = TCKD + (1 - p_t) * NCKD`` (tand.txt thm 2.1)."""
+    t_b, t_rho = split_target(teacher_logp, target)
+    s_b, s_rho = split_target(student_logp, target)
+    return tckd_divergence(t_b, s_b), nckd_divergence(t_rho, s_rho)
