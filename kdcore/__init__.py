@@ -8,10 +8,11 @@
 __version__ = "0.1.0"
 
 from kdcore.api import available, create
+from kdcore.engine import train
 from kdcore.errors import ConfigError, PluginError, UnknownComponentError
 from kdcore.hookspecs import hookimpl
 from kdcore.losses import LogitLoss
 from kdcore.plugins import reload_plugins
 
-__all__ = ["__version__", "available", "create", "hookimpl", "ConfigError", "PluginError",
+__all__ = ["__version__", "available", "create", "train", "hookimpl", "ConfigError", "PluginError",
            "UnknownComponentError", "LogitLoss", "reload_plugins"]

@@ -1,0 +1,5 @@
+import sys
+
+from kdcore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""The ``kdcore`` command line: train, demo, plugins, list (and plugin commands).
+
+Exit status: 0 on success, 2 for a usage or configuration error (one line, no
+traceback), 1 for a failure while running (``--debug`` or ``KDCORE_DEBUG=1``
+shows the traceback), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+
+from kdcore import __version__
+from kdcore.errors import ConfigError, PluginError, UnknownComponentError
+from kdcore.hookspecs import KINDS
+
+
+def _cmd_train(args) -> int:
+    from kdcore.engine import train
+
+    summary = train(args.config, args.out, args.set, resume=args.resume, quiet=args.quiet)
+    best = summary.get("best_val_acc")
+    print(f"done: test_acc {summary.get('test_acc', float('nan')):.4f}"
+          + (f", best val_acc {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")
+          + f"; run directory {args.out or 'runs/' + os.path.splitext(os.path.basename(args.config))[0]}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from kdcore.demo import run_demo
+
+    run_demo(args.out, quiet=args.quiet)
+    return 0
+
+
+def _registry():
+    from kdcore.plugins import default_registry
+
+    return default_registry()
+
+
+def _cmd_plugins(args) -> int:
+    reg = _registry()
+    plugins = [{"name": p.name, "distribution": p.dist, "version": p.version,
+                "registered": {k: sorted(c.name for c in p.components if c.kind == k)
+                               for k in KINDS if any(c.kind == k for c in p.components)}}
+               for p in reg.plugins]
+    failed = [{"name": f.name, "distribution": f.dist, "version": f.version, "reason": f.reason}
+              for f in reg.failed]
+    if args.json:
+        print(json.dumps({"plugins": plugins, "failed": failed}, indent=2))
+        return 0
+    for p in plugins:
+        print(f"{p['name']} ({p['distribution'] or '?'} {p['version'] or ''})".rstrip())
+        for kind, names in p["registered"].items():
+            print(f"  {kind}: {', '.join(names)}")
+    for f in failed:
+        print(f"{f['name']} FAILED: {f['reason']}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    reg = _registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    table = {k: reg.available(k) for k in kinds}
+    if args.json:
+        detail = {k: [{"name": n, "plugin": reg.get(k, n).plugin} for n in names] for k, names in table.items()}
+        print(json.dumps(detail if not args.kind else detail[args.kind], indent=2))
+        return 0
+    for kind, names in table.items():
+        if args.kind:
+            print("\n".join(names))
+        else:
+            print(f"{kind}: {', '.join(names)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdcore", description="Plugin-based knowledge distillation for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"kdcore {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a student (or a teacher) from a TOML config")
+    p.add_argument("config", help="the run's TOML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set run.epochs=5 --set loss[1].temperature=2")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("demo", help="teacher + students on the embedded gaussian_mixture data (offline)")
+    p.add_argument("--out", default="runs/demo", help="where the demo's runs go (default: runs/demo)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("plugins", help="installed plugins, what each registered, and failures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_plugins)
+
+    p = sub.add_parser("list", help="registered component names")
+    p.add_argument("kind", nargs="?", choices=KINDS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_list)
+    return parser, sub
+
+
+def _add_plugin_commands(sub) -> None:
+    reg = _registry()
+    if reg.hooks is None:
+        return
+    for impl in reg.hooks.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=sub)
+        except Exception as exc:  # a broken plugin command is reported, not fatal
+            print(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+    parser, sub = build_parser()
+    debug = os.environ.get("KDCORE_DEBUG", "") not in ("", "0")
+    try:
+        _add_plugin_commands(sub)
+        args = parser.parse_args(argv)
+        debug = debug or args.debug
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.handler(args) or 0)
+    except (ConfigError, UnknownComponentError) as exc:
+        print(f"kdcore: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdcore: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+    except PluginError as exc:
+        print(f"kdcore: plugin error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return 1
+    except Exception as exc:
+        print(f"kdcore: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        else:
+            print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1

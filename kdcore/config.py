@@ -1,0 +1,357 @@
+"""Run configuration: TOML -> attrs classes, ``--set`` overrides, validation.
+
+Every error is a :class:`kdcore.ConfigError` whose message starts with the key
+path (``loss[1].temperature: must be > 0``). Tables that name a component
+(``[data]``, ``[teacher]``, ``[student]``, ``[[loss]]``, ``[weighting]``) pass
+their other keys to it as parameters; those are checked against the
+component's signature by :func:`check_components`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import tomli_w
+
+from kdcore.errors import ConfigError, UnknownComponentError
+from kdcore.registry import Registry, check_parameters
+
+_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+
+
+def _check_type(path: str, value: Any, typ: type) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise ConfigError(f"{path}: must be {_TYPES[typ]}, got {value!r}")
+    return value
+
+
+def _field(typ: type, default: Any, check=None, choices: tuple[str, ...] | None = None, optional=False):
+    return attrs.field(default=default, metadata={"type": typ, "check": check, "choices": choices,
+                                                  "optional": optional})
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+@attrs.define
+class RunConfig:
+    seed: int = _field(int, 0)
+    epochs: int = _field(int, 20, _positive)
+    batch_size: int = _field(int, 64, _positive)
+    eval_batch_size: int = _field(int, 1024, _positive)
+    device: str = _field(str, "auto", choices=("auto", "cpu", "cuda"))
+    amp: str = _field(str, "off", choices=("off", "bf16", "fp16"))
+    channels_last: bool = _field(bool, False)
+    compile: bool = _field(bool, False)
+    num_workers: int = _field(int, 0, _non_negative)
+    eval_every: int = _field(int, 1, _positive)
+    log_every: int = _field(int, 50, _positive)
+    deterministic: bool = _field(bool, True)
+    progress: str = _field(str, "auto", choices=("auto", "bar", "lines", "off"))
+
+
+@attrs.define
+class OptimConfig:
+    name: str = _field(str, "sgd", choices=("sgd", "adamw"))
+    lr: float = _field(float, 0.05, _positive)
+    momentum: float = _field(float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    nesterov: bool = _field(bool, False)
+    weight_decay: float = _field(float, 5e-4, _non_negative)
+    betas: list = _field(list, attrs.Factory(lambda: [0.9, 0.999]))
+    lr_schedule: str = _field(str, "constant", choices=("constant", "step", "cosine"))
+    milestones: list = _field(list, attrs.Factory(list))
+    gamma: float = _field(float, 0.1, _positive)
+    min_lr: float = _field(float, 0.0, _non_negative)
+
+
+@attrs.define
+class ComponentConfig:
+    """A table naming a component; ``params`` are its other keys."""
+
+    name: str
+    params: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class ModelConfig:
+    backbone: str
+    checkpoint: str | None = None
+    params: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class LossTermConfig:
+    name: str
+    weight: float = 1.0
+    schedule: Any = None     # a scheduler name or {"name": ..., **params}
+    id: str | None = None    # label in logs; default: the name (suffixed if repeated)
+    params: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class Config:
+    run: RunConfig
+    data: ComponentConfig
+    student: ModelConfig
+    optim: OptimConfig
+    loss: list[LossTermConfig]
+    teacher: ModelConfig | None = None
+    weighting: ComponentConfig | None = None
+    source: Path | None = attrs.field(default=None, eq=False)
+
+    def term_ids(self) -> list[str]:
+        """Unique labels of the loss terms, in order: ``id`` or the name,
+        numbered (``kd_1``, ``kd_2``) where a name repeats."""
+        bases = [t.id or t.name for t in self.loss]
+        seen: dict[str, int] = {}
+        out = []
+        for b in bases:
+            if bases.count(b) > 1:
+                seen[b] = seen.get(b, 0) + 1
+                out.append(f"{b}_{seen[b]}")
+            else:
+                out.append(b)
+        return out
+
+
+_SECTIONS = ("run", "data", "teacher", "student", "optim", "loss", "weighting")
+
+
+def _table(path: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: must be a table, got {value!r}")
+    return dict(value)
+
+
+def _plain(cls: type, path: str, table: Mapping[str, Any] | None) -> Any:
+    """Build a section of fixed keys, checking names, types and values."""
+    table = _table(path, table or {})
+    fields = {f.name: f for f in attrs.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}: unknown key (accepted: {', '.join(fields)})")
+        meta, kp = fields[key].metadata, f"{path}.{key}"
+        value = _check_type(kp, value, meta["type"])
+        if meta["type"] is float and not math.isfinite(value):
+            raise ConfigError(f"{kp}: must be finite, got {value!r}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(f"{kp}: must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
+        problem = meta["check"](value) if meta["check"] else None
+        if problem:
+            raise ConfigError(f"{kp}: {problem}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _component(path: str, table: Any, key: str = "name") -> ComponentConfig:
+    table = _table(path, table)
+    name = table.pop(key, None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}.{key}: required (a registered component name)")
+    return ComponentConfig(name, table)
+
+
+def _model(path: str, table: Any) -> ModelConfig:
+    comp = _component(path, table, "backbone")
+    ckpt = comp.params.pop("checkpoint", None)
+    if ckpt is not None and not isinstance(ckpt, str):
+        raise ConfigError(f"{path}.checkpoint: must be a path string, got {ckpt!r}")
+    return ModelConfig(comp.name, ckpt, comp.params)
+
+
+def _loss_term(path: str, table: Any) -> LossTermConfig:
+    comp = _component(path, table)
+    p = comp.params
+    weight = _check_type(f"{path}.weight", p.pop("weight", 1.0), float)
+    if not math.isfinite(weight):
+        raise ConfigError(f"{path}.weight: must be finite, got {weight!r}")
+    schedule = p.pop("schedule", None)
+    if schedule is not None and not isinstance(schedule, (str, Mapping)):
+        raise ConfigError(f"{path}.schedule: must be a scheduler name or a table with 'name'")
+    term_id = p.pop("id", None)
+    if term_id is not None and (not isinstance(term_id, str) or not re.fullmatch(r"[\w.-]+", term_id)):
+        raise ConfigError(f"{path}.id: must be a word (letters, digits, _ . -), got {term_id!r}")
+    return LossTermConfig(comp.name, weight, schedule, term_id, p)
+
+
+def from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML mapping."""
+    raw = _table("config", raw)
+    for key in raw:
+        if key not in _SECTIONS:
+            raise ConfigError(f"{key}: unknown section (sections: {', '.join(_SECTIONS)})")
+    for key in ("data", "student", "loss"):
+        if key not in raw:
+            raise ConfigError(f"{key}: required section is missing")
+    losses = raw["loss"]
+    if isinstance(losses, Mapping):
+        losses = [losses]
+    if not isinstance(losses, list) or not losses:
+        raise ConfigError("loss: must be one or more [[loss]] tables")
+    config = Config(
+        run=_plain(RunConfig, "run", raw.get("run")),
+        data=_component("data", raw["data"]),
+        student=_model("student", raw["student"]),
+        optim=_plain(OptimConfig, "optim", raw.get("optim")),
+        loss=[_loss_term(f"loss[{i}]", t) for i, t in enumerate(losses)],
+        teacher=_model("teacher", raw["teacher"]) if "teacher" in raw else None,
+        weighting=_component("weighting", raw["weighting"]) if "weighting" in raw else None,
+        source=source,
+    )
+    ids = [t.id for t in config.loss if t.id]
+    for i, t in enumerate(config.loss):
+        if t.id and ids.count(t.id) > 1:
+            raise ConfigError(f"loss[{i}].id: {t.id!r} is used by more than one term")
+    for i, m in enumerate(config.optim.milestones):
+        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+            raise ConfigError(f"optim.milestones[{i}]: must be a positive integer epoch, got {m!r}")
+    if len(config.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
+                                               for b in config.optim.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {config.optim.betas!r}")
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The resolved configuration as a TOML-ready mapping (defaults filled in)."""
+    def model(m: ModelConfig) -> dict[str, Any]:
+        d = {"backbone": m.backbone, **m.params}
+        if m.checkpoint is not None:
+            d["checkpoint"] = m.checkpoint
+        return d
+
+    out: dict[str, Any] = {
+        "run": attrs.asdict(config.run),
+        "data": {"name": config.data.name, **config.data.params},
+    }
+    if config.teacher is not None:
+        out["teacher"] = model(config.teacher)
+    out["student"] = model(config.student)
+    out["optim"] = attrs.asdict(config.optim)
+    out["loss"] = []
+    for t in config.loss:
+        d = {"name": t.name, "weight": t.weight, **t.params}
+        if t.schedule is not None:
+            d["schedule"] = t.schedule
+        if t.id is not None:
+            d["id"] = t.id
+        out["loss"].append(d)
+    if config.weighting is not None:
+        out["weighting"] = {"name": config.weighting.name, **config.weighting.params}
+    return _drop_none(out)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def dumps(config: Config) -> str:
+    return tomli_w.dumps(to_dict(config))
+
+
+_PATH = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\]|\.(\d+))?((?:\.[A-Za-z_][\w-]*)*)$")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (or ``loss[1].key=value``) overrides; values
+    are TOML (``0.1``, ``[1, 2]``, ``{name = "ab"}``, ``"text"``) or bare strings."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        m = _PATH.match(key)
+        if not sep or not m or not (m.group(4) or m.group(2) or m.group(3)):
+            raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. run.epochs=5, loss[1].temperature=2)")
+        section, index = m.group(1), m.group(2) or m.group(3)
+        keys = [k for k in m.group(4).split(".") if k]
+        node: Any = raw.setdefault(section, {} if index is None else [])
+        where = section
+        if index is not None:
+            if isinstance(node, Mapping):
+                node = raw[section] = [node]
+            i = int(index)
+            if not isinstance(node, list) or i >= len(node):
+                raise ConfigError(f"--set {key}: {section} has no entry [{i}]")
+            node, where = node[i], f"{section}[{i}]"
+        if not keys:
+            raise ConfigError(f"--set {item!r}: name a key inside {where}")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {where}.{k} is not a table")
+            where = f"{where}.{k}"
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {where} is not a table")
+        node[keys[-1]] = _parse_value(text.strip())
+    return raw
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML config file, apply overrides and validate its structure."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(apply_overrides(raw, overrides), source=path)
+
+
+def check_components(config: Config, registry: Registry) -> None:
+    """Check that every named component exists and accepts its parameters."""
+    def check(kind: str, name: str, params: Mapping[str, Any], path: str, name_key: str = "name",
+              reserved: tuple[str, ...] = ()) -> None:
+        try:
+            comp = registry.get(kind, name)
+        except UnknownComponentError as exc:
+            raise ConfigError(f"{path}.{name_key}: {exc}") from None
+        try:
+            check_parameters(comp, {k: v for k, v in params.items() if k not in reserved})
+        except ConfigError as exc:
+            raise exc.with_path(path) from None
+
+    check("dataset", config.data.name, config.data.params, "data")
+    for section in ("teacher", "student"):
+        m = getattr(config, section)
+        if m is not None:
+            check("backbone", m.backbone, m.params, section, "backbone", ("num_classes", "in_features"))
+    for i, term in enumerate(config.loss):
+        check("loss", term.name, term.params, f"loss[{i}]")
+        if isinstance(term.schedule, str):
+            check("scheduler", term.schedule, {}, f"loss[{i}].schedule")
+        elif isinstance(term.schedule, Mapping):
+            sched = dict(term.schedule)
+            name = sched.pop("name", None)
+            if not isinstance(name, str):
+                raise ConfigError(f"loss[{i}].schedule.name: required")
+            check("scheduler", name, sched, f"loss[{i}].schedule")
+    if config.weighting is not None:
+        check("scheduler", config.weighting.name, config.weighting.params, "weighting")

@@ -1,0 +1,54 @@
+"""The training engine: ``train`` (the Python API behind ``kdcore train``) and :class:`Trainer`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kdcore import config as cfg
+from kdcore.engine.trainer import Trainer
+from kdcore.plugins import default_registry
+from kdcore.registry import Registry
+
+
+def build_trainer(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Path | None = None,
+                  overrides: Iterable[str] = (), *, quiet: bool = False,
+                  registry: Registry | None = None) -> Trainer:
+    """A :class:`Trainer` from a config file path, a TOML-shaped mapping or a Config."""
+    registry = registry or default_registry()
+    if isinstance(config, cfg.Config):
+        conf = config
+    elif isinstance(config, Mapping):
+        import copy
+
+        conf = cfg.from_dict(cfg.apply_overrides(copy.deepcopy(dict(config)), overrides))
+    else:
+        conf = cfg.load(config, overrides)
+    cfg.check_components(conf, registry)
+    return Trainer(conf, out_dir, registry, quiet=quiet)
+
+
+def default_out_dir(config: Any) -> Path:
+    stem = Path(config).stem if isinstance(config, (str, Path)) else "run"
+    return Path("runs") / stem
+
+
+def train(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Path | None = None,
+          overrides: Iterable[str] = (), *, resume: bool = False, quiet: bool = False,
+          registry: Registry | None = None) -> dict[str, Any]:
+    """Run a training job and return its summary (also written to ``summary.json``).
+
+    ``out_dir`` defaults to ``runs/<config file stem>``.
+    """
+    out_dir = default_out_dir(config) if out_dir is None else out_dir
+    trainer = build_trainer(config, out_dir, overrides, quiet=quiet, registry=registry)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        from kdcore.engine import distributed
+
+        distributed.teardown(trainer.dist)
+
+
+__all__ = ["Trainer", "build_trainer", "train"]
