@@ -212,10 +212,12 @@ def from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         weighting=_component("weighting", raw["weighting"]) if "weighting" in raw else None,
         source=source,
     )
-    ids = [t.id for t in config.loss if t.id]
+    seen_ids: set[str] = set()
     for i, t in enumerate(config.loss):
-        if t.id and ids.count(t.id) > 1:
+        if t.id in seen_ids:
             raise ConfigError(f"loss[{i}].id: {t.id!r} is used by more than one term")
+        if t.id:
+            seen_ids.add(t.id)
     for i, m in enumerate(config.optim.milestones):
         if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
             raise ConfigError(f"optim.milestones[{i}]: must be a positive integer epoch, got {m!r}")

@@ -128,7 +128,8 @@ def load_registry(env: Mapping[str, str] | None = None,
                 pm.unregister(plugin)
             reason = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
             if strict or name == BUILTIN:
-                raise PluginError(f"plugin {name!r} failed to load: {reason}") from exc
+                error = type(exc) if isinstance(exc, PluginError) else PluginError
+                raise error(f"plugin {name!r} failed to load: {reason}") from exc
             failed.append(FailedPlugin(name, reason, dist, version))
             warnings.warn(f"kdcore: plugin {name!r} failed to load: {reason}", PluginWarning, stacklevel=3)
             return

@@ -93,6 +93,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(run.seed)
 
+        self.objective = Objective.from_config(config, registry)  # cheap checks first
+        self.weighting = self._build_weighting()
         try:
             self.data = registry.create("dataset", config.data.name, **config.data.params)
         except ConfigError as exc:
@@ -108,8 +110,6 @@ class Trainer:
             self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
-        self.objective = Objective.from_config(config, registry)
-        self.weighting = self._build_weighting()
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if run.amp == "fp16" else None

@@ -1,0 +1,107 @@
+"""The command line: exit codes 0 / 2 / 1, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tomli_w
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
+runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(runs)
+
+
+def kdcore_cli(*args, cwd=None, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "kdcore", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def write(path, conf):
+    path.write_text(tomli_w.dumps(conf))
+    return path
+
+
+def test_train_then_distil_from_the_command_line(tmp_path):
+    teacher = write(tmp_path / "teacher.toml", runs.teacher_config(epochs=1))
+    out = kdcore_cli("train", str(teacher), "--out", str(tmp_path / "t"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "test_acc" in out.stdout
+    ckpt = str(tmp_path / "t" / "checkpoints" / "best.pt")
+    student = write(tmp_path / "student.toml", runs.student_config(ckpt, epochs=1))
+    out = kdcore_cli("train", str(student), "--out", str(tmp_path / "s"), "--set", "loss[1].temperature=3")
+    assert out.returncode == 0, out.stderr
+    assert "temperature = 3" in (tmp_path / "s" / "config.toml").read_text()
+    assert "epoch 1/1" in out.stderr  # plain progress lines when not on a terminal
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["loss"][1].__setitem__("temperature", -1.0), "loss[1].temperature: must be > 0"),
+    (lambda c: c["run"].__setitem__("epochz", 1), "run.epochz: unknown key"),
+    (lambda c: c["loss"][1].__setitem__("name", "kdd"), "loss[1].name: unknown loss 'kdd'"),
+    (lambda c: c["teacher"].__setitem__("checkpoint", "/nonexistent/t.pt"), "teacher.checkpoint: file not found"),
+    (lambda c: c["data"].__setitem__("n", "many"), "data.n: must be a positive integer"),
+])
+def test_config_errors_exit_2_with_one_line(tmp_path, mutate, expected):
+    conf = runs.student_config("/nonexistent/t.pt" if "checkpoint" in expected else str(tmp_path / "x.pt"))
+    mutate(conf)
+    out = kdcore_cli("train", str(write(tmp_path / "bad.toml", conf)), "--out", str(tmp_path / "o"))
+    assert out.returncode == 2
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert kdcore_cli("train").returncode == 2
+    assert kdcore_cli("frobnicate").returncode == 2
+    assert kdcore_cli("list", "lossez").returncode == 2
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[run\n")
+    out = kdcore_cli("train", str(bad))
+    assert out.returncode == 2 and "invalid TOML" in out.stderr
+    out = kdcore_cli("train", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "config file not found" in out.stderr
+    out = kdcore_cli("train", str(tmp_path / "missing.toml"), "--set", "nonsense")
+    assert out.returncode == 2
+
+
+def test_failure_while_running_exits_1(tmp_path):
+    conf = runs.teacher_config(epochs=1)
+    conf["run"]["device"] = "cuda"
+    out = kdcore_cli("train", str(write(tmp_path / "c.toml", conf)))
+    if out.returncode == 0:
+        pytest.skip("a CUDA device is present")
+    assert out.returncode == 2 and "run.device" in out.stderr
+
+
+def test_list_and_plugins_json():
+    out = kdcore_cli("list", "loss")
+    assert out.returncode == 0 and {"ce", "kd", "rkd"} <= set(out.stdout.split())
+    data = json.loads(kdcore_cli("list", "--json").stdout)
+    assert {"loss", "divergence", "transform", "scheduler", "backbone", "dataset"} == set(data)
+    plugins = json.loads(kdcore_cli("plugins", "--json").stdout)
+    builtin = next(p for p in plugins["plugins"] if p["name"] == "builtin")
+    assert builtin["distribution"] == "kdcore" and "mlp" in builtin["registered"]["backbone"]
+
+
+def test_only_builtin_with_empty_allow_list():
+    out = kdcore_cli("list", "loss", env={"KDCORE_PLUGINS": ""})
+    assert out.stdout.split() == ["ce", "kd", "rkd"]
+
+
+def test_demo_runs_offline(tmp_path):
+    out = kdcore_cli("demo", "--out", str(tmp_path / "demo"), "--quiet", env={"KDCORE_PLUGINS": ""})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    methods = [line.split("  ")[0].strip() for line in lines[2:] if line and not line.startswith("runs")]
+    assert methods[:5] == ["bayes posterior", "teacher", "ce", "ce + kd", "ce + rkd"]
+    for line in lines[2:7]:
+        acc = float(line.split()[-2])
+        assert 0.5 < acc <= 1.0  # 3 balanced classes: chance is 1/3
+    assert list((tmp_path / "demo" / "student-kd" / "tb").glob("events.*"))

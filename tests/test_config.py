@@ -1,0 +1,111 @@
+"""Config parsing and validation: every error names its key path."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdcore import config as cfg
+from kdcore.errors import ConfigError
+from kdcore.plugins import default_registry
+
+BASE = """
+[run]
+epochs = 2
+[data]
+name = "gaussian_mixture"
+[student]
+backbone = "mlp"
+[[loss]]
+name = "ce"
+[[loss]]
+name = "kd"
+temperature = 4.0
+"""
+TEACHER = '[teacher]\nbackbone = "mlp"\ncheckpoint = "t.pt"\n'
+
+
+def load_text(tmp_path, text, overrides=()):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    conf = cfg.load(p, overrides)
+    cfg.check_components(conf, default_registry())
+    return conf
+
+
+def test_defaults_and_round_trip(tmp_path):
+    conf = load_text(tmp_path, BASE + TEACHER)
+    assert conf.run.batch_size == 64 and conf.optim.name == "sgd" and conf.loss[1].params == {"temperature": 4.0}
+    again = cfg.from_dict(__import__("tomllib").loads(cfg.dumps(conf)))
+    assert cfg.dumps(again) == cfg.dumps(conf)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[bogus]\nx = 1\n", r"^bogus: unknown section"),
+    ("[optim]\nlrr = 0.1\n", r"^optim\.lrr: unknown key"),
+    ("[optim]\nlr = -1\n", r"^optim\.lr: must be > 0"),
+    ("[optim]\nlr = 'fast'\n", r"^optim\.lr: must be a number"),
+    ("[optim]\nname = 'adam'\n", r"^optim\.name: must be one of 'sgd', 'adamw'"),
+    ("[optim]\nmilestones = [10, -5]\n", r"^optim\.milestones\[1\]"),
+])
+def test_section_errors(tmp_path, extra, message):
+    text = BASE.replace("[run]\nepochs = 2\n", "[run]\nepochs = 2\n" if "[run]" not in extra else "")
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, text + TEACHER + extra)
+
+
+def test_run_key_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^run\.epochs: must be > 0"):
+        load_text(tmp_path, BASE.replace("epochs = 2", "epochs = 0") + TEACHER)
+    with pytest.raises(ConfigError, match=r"^run\.epochs: must be an integer"):
+        load_text(tmp_path, BASE.replace("epochs = 2", "epochs = 2.5") + TEACHER)
+    with pytest.raises(ConfigError, match=r"^run\.device: must be one of"):
+        load_text(tmp_path, BASE.replace("epochs = 2", "device = 'tpu'") + TEACHER)
+
+
+def test_component_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^loss\[1\]\.temperature: must be > 0"):
+        conf = load_text(tmp_path, BASE.replace("temperature = 4.0", "temperature = -1.0") + TEACHER)
+        from kdcore.engine.objective import Objective
+        Objective.from_config(conf, default_registry())
+    with pytest.raises(ConfigError, match=r"^loss\[1\]\.temprature: unknown parameter of loss 'kd'"):
+        load_text(tmp_path, BASE.replace("temperature", "temprature") + TEACHER)
+    with pytest.raises(ConfigError, match=r"^loss\[1\]\.name: unknown loss 'kdd'; did you mean 'kd'"):
+        load_text(tmp_path, BASE.replace('name = "kd"', 'name = "kdd"') + TEACHER)
+    with pytest.raises(ConfigError, match=r"^data\.nn: unknown parameter of dataset"):
+        load_text(tmp_path, BASE.replace('name = "gaussian_mixture"', 'name = "gaussian_mixture"\nnn = 3') + TEACHER)
+    with pytest.raises(ConfigError, match=r"^student\.backbone: required"):
+        load_text(tmp_path, BASE.replace('backbone = "mlp"', 'hidden = [3]') + TEACHER)
+    with pytest.raises(ConfigError, match=r"^loss\[0\]\.schedule\.name: unknown scheduler 'linaer'"):
+        load_text(tmp_path, BASE.replace('name = "ce"', 'name = "ce"\nschedule = "linaer"') + TEACHER)
+    with pytest.raises(ConfigError, match=r"^loss: required section"):
+        load_text(tmp_path, '[data]\nname = "gaussian_mixture"\n[student]\nbackbone = "mlp"\n')
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_text(tmp_path, "[run\nepochs = ")
+    with pytest.raises(ConfigError, match="config file not found"):
+        cfg.load(tmp_path / "nope.toml")
+
+
+def test_overrides(tmp_path):
+    conf = load_text(tmp_path, BASE + TEACHER, [
+        "run.epochs=7", "loss[1].temperature=2", "loss.0.weight=0.5", "optim.milestones=[3, 5]",
+        "loss[1].divergence={name = \"rkl\"}", "data.seed=4", "student.hidden=[8]"])
+    assert conf.run.epochs == 7 and conf.loss[1].params["temperature"] == 2
+    assert conf.loss[0].weight == 0.5 and conf.optim.milestones == [3, 5]
+    assert conf.loss[1].params["divergence"] == {"name": "rkl"} and conf.data.params == {"seed": 4}
+    assert conf.student.params == {"hidden": [8]}
+    with pytest.raises(ConfigError, match=r"loss has no entry \[5\]"):
+        load_text(tmp_path, BASE + TEACHER, ["loss[5].weight=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_text(tmp_path, BASE + TEACHER, ["epochs"])
+
+
+def test_term_ids_are_unique():
+    conf = cfg.from_dict({"data": {"name": "gaussian_mixture"}, "student": {"backbone": "mlp"},
+                          "loss": [{"name": "kd"}, {"name": "ce"}, {"name": "kd", "id": "kd_b"}, {"name": "kd"}]})
+    assert conf.term_ids() == ["kd_1", "ce", "kd_b", "kd_2"]
+    with pytest.raises(ConfigError, match=r"loss\[1\]\.id: 'a' is used by more than one term"):
+        cfg.from_dict({"data": {"name": "g"}, "student": {"backbone": "mlp"},
+                       "loss": [{"name": "kd", "id": "a"}, {"name": "ce", "id": "a"}]})
