@@ -92,9 +92,9 @@ class _ChunkedRowSum(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_s, grad_t = ctx.saved_tensors
         if grad_s is not None:
-            grad_s = grad_s.mul_(grad_out.to(grad_s.dtype))
+            grad_s = grad_s * grad_out.to(grad_s.dtype)
         if grad_t is not None:
-            grad_t = grad_t.mul_(grad_out.to(grad_t.dtype))
+            grad_t = grad_t * grad_out.to(grad_t.dtype)
         return None, None, grad_s, grad_t, None
 
 

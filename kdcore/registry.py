@@ -66,7 +66,8 @@ def accepted_parameters(factory: Callable[..., Any]) -> tuple[set[str], bool]:
         if inspect.isclass(factory) else [factory]
     for fn in targets:
         if fn is object.__init__:
-            break
+            names.discard("self")
+            return names, False
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):  # builtins without a signature

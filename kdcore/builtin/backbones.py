@@ -20,7 +20,8 @@ class MLP(nn.Module):
         super().__init__()
         params.positive_int("num_classes", num_classes)
         params.positive_int("in_features", in_features)
-        if isinstance(hidden, (str, bytes)) or not all(isinstance(h, int) and h > 0 for h in hidden):
+        if not isinstance(hidden, Sequence) or isinstance(hidden, (str, bytes)) or \
+                not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
             raise ConfigError(f"hidden: must be a list of positive integers, got {hidden!r}")
         dropout = params.in_range("dropout", dropout, 0.0, 1.0)
         layers: list[nn.Module] = [nn.Flatten()]

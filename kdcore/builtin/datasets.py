@@ -33,9 +33,10 @@ def gaussian_mixture(num_classes: int = 3, dim: int = 30, sigma: float = 2.0, n:
     sigma = params.positive("sigma", sigma)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
-    if len(split) != 3 or any(not isinstance(s, (int, float)) or s < 0 for s in split) \
+    if not isinstance(split, Sequence) or isinstance(split, str) or len(split) != 3 \
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in split) \
             or abs(sum(split) - 1.0) > 1e-6:
-        raise ConfigError(f"split: must be three non-negative fractions summing to 1, got {list(split)!r}")
+        raise ConfigError(f"split: must be three non-negative fractions summing to 1, got {split!r}")
     g = torch.Generator().manual_seed(seed)
     means = torch.randint(-1, 2, (num_classes, dim), generator=g).float()
     y = torch.randint(0, num_classes, (n,), generator=g)

@@ -24,8 +24,14 @@ class CrossEntropy(LogitLoss):
         self.label_smoothing = params.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
     def rows(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> Tensor:
-        return torch.nn.functional.cross_entropy(student, target, reduction="none",
-                                                 label_smoothing=self.label_smoothing)
+        if not self.label_smoothing:
+            return torch.nn.functional.cross_entropy(student, target, reduction="none")
+        # -inf columns are padding, not classes: the uniform part covers real columns only
+        logq = torch.log_softmax(student, dim=-1)
+        nll = -logq.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        real = student > float("-inf")
+        uniform = -logq.masked_fill(~real, 0.0).sum(-1) / real.sum(-1).clamp(min=1)
+        return (1 - self.label_smoothing) * nll + self.label_smoothing * uniform
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing:g}"

@@ -25,7 +25,11 @@ class Temperature:
 
 class LabelSmoothing:
     """``label_smoothing``: ``log((1 - delta) p + delta / C)``, computed as a
-    log-sum-exp so that it is exact for probabilities that underflow."""
+    log-sum-exp so that it is exact for probabilities that underflow.
+
+    Columns whose teacher log-probability is ``-inf`` are padding (e.g. a
+    padded vocabulary), not classes: C counts the real columns only and the
+    padded ones stay at probability 0."""
 
     def __init__(self, delta: float = 0.1):
         self.delta = params.in_range("delta", delta, 0.0, 1.0)
@@ -33,9 +37,10 @@ class LabelSmoothing:
     def __call__(self, teacher_logp: Tensor, target: Tensor | None = None) -> Tensor:
         if self.delta == 0.0:
             return teacher_logp
-        c = teacher_logp.shape[-1]
-        return torch.logaddexp(teacher_logp + math.log1p(-self.delta),
-                               torch.full_like(teacher_logp, math.log(self.delta / c)))
+        real = teacher_logp > float("-inf")
+        log_c = real.sum(-1, keepdim=True).clamp(min=1).to(teacher_logp.dtype).log()
+        smoothed = torch.logaddexp(teacher_logp + math.log1p(-self.delta), math.log(self.delta) - log_c)
+        return torch.where(real, smoothed, teacher_logp)
 
     def __repr__(self) -> str:
         return f"LabelSmoothing(delta={self.delta:g})"
