@@ -162,3 +162,74 @@ def test_cli_discovers_an_installed_third_party_plugin(tmp_path):
     strict = subprocess.run([sys.executable, "-m", "kdcore", "list", "loss"],
                             env={**env, "KDCORE_STRICT_PLUGINS": "1"}, capture_output=True, text=True, timeout=120)
     assert strict.returncode == 1 and "bad" in strict.stderr and "Traceback" not in strict.stderr
+
+
+EVERY_HOOK = """
+import kdcore, torch
+from kdcore.data import DataSplits, TensorSplit
+
+@kdcore.hookimpl
+def register_losses(register):
+    register("every_loss", lambda: (lambda s, t, y: (s - t).pow(2).mean()))
+
+@kdcore.hookimpl
+def register_divergences(register):
+    register("every_div", lambda: (lambda p, q: (p.exp() - q.exp()).abs().sum(-1)))
+
+@kdcore.hookimpl
+def register_transforms(register):
+    register("every_tf", lambda: (lambda logp, y: logp))
+
+@kdcore.hookimpl
+def register_schedulers(register):
+    register("every_sched", lambda: (lambda progress: 1.0))
+
+@kdcore.hookimpl
+def register_backbones(register):
+    register("every_net", lambda num_classes: torch.nn.Linear(4, num_classes))
+
+@kdcore.hookimpl
+def register_datasets(register):
+    def make():
+        x, y = torch.randn(8, 4), torch.arange(8) % 2
+        return DataSplits(TensorSplit(x, y), None, None, num_classes=2, input_shape=(4,))
+    register("every_data", make)
+
+@kdcore.hookimpl
+def register_commands(cli):
+    p = cli.add_parser("hello", help="say hello")
+    p.add_argument("--name", default="world")
+    def run(args):
+        if args.name == "bad":
+            raise kdcore.ConfigError("--name: 'bad' is not a name")
+        print(f"hello {args.name}")
+        return 0
+    p.set_defaults(handler=run)
+"""
+
+
+def test_every_hook_from_a_third_party_plugin(tmp_path):
+    make_dist(tmp_path, "kdcore-every", "0.2", {"every": "fake_kd_every"}, {"fake_kd_every": EVERY_HOOK})
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("KDCORE_PLUGINS", None)
+    script = """
+import json, torch, kdcore
+out = {k: kdcore.available(k) for k in ["loss", "divergence", "transform", "scheduler", "backbone", "dataset"]}
+net = kdcore.create("backbone", "every_net", num_classes=3)
+out["net_out"] = list(net(torch.zeros(2, 4)).shape)
+out["data"] = len(kdcore.create("dataset", "every_data").train)
+print(json.dumps(out))
+"""
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    for kind, name in [("loss", "every_loss"), ("divergence", "every_div"), ("transform", "every_tf"),
+                       ("scheduler", "every_sched"), ("backbone", "every_net"), ("dataset", "every_data")]:
+        assert name in got[kind]
+    assert got["net_out"] == [2, 3] and got["data"] == 8
+    hello = subprocess.run([sys.executable, "-m", "kdcore", "hello", "--name", "kd"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert hello.returncode == 0 and hello.stdout.strip() == "hello kd"
+    bad = subprocess.run([sys.executable, "-m", "kdcore", "hello", "--name", "bad"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--name: 'bad'" in bad.stderr and "Traceback" not in bad.stderr
