@@ -30,8 +30,8 @@ def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     Terms with ``p_k = 0`` are exactly 0 even where ``log q_k = -inf``.
     """
     p = p_logp.exp()
-    diff = masked_where_zero(p, p_logp) - masked_where_zero(p, q_logp)
-    return (p * diff).sum(-1)
+    zero = p == 0
+    return (p * (p_logp.masked_fill(zero, 0.0) - q_logp.masked_fill(zero, 0.0))).sum(-1)
 
 
 def ce_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:

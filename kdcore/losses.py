@@ -147,7 +147,7 @@ class LogitLoss(nn.Module):
             return self.rows(s, t, None).sum()
         keep = target != IGNORE_INDEX
         values = self.rows(s, t, target.masked_fill(~keep, 0))
-        return torch.where(keep, values, torch.zeros_like(values)).sum()
+        return torch.where(keep, values, 0.0).sum()
 
     def forward(self, student: Tensor, teacher: Tensor | None = None, target: Tensor | None = None) -> Tensor:
         if self.uses_teacher and teacher is None:
@@ -159,8 +159,9 @@ class LogitLoss(nn.Module):
             total = self._row_sum(s, t, y)
         else:
             total = _ChunkedRowSum.apply(self._row_sum, self.chunk_size, s, t, y)
-        count = s.shape[0] if y is None else (y != IGNORE_INDEX).sum().clamp(min=1)
-        return total / count
+        if y is None:
+            return total / s.shape[0]
+        return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:g}"
