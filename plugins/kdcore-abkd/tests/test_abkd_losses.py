@@ -1,0 +1,195 @@
+"""The ``abkd`` and ``abdkd`` losses against plain float64 references written out
+here (loops over kept rows, def. 4.1 / eq. 8 on softmax probabilities)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdcore
+
+
+def ab_plain(p: torch.Tensor, q: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """D_AB of two float64 probability vectors, def. 4.1 (eq. 8 where a or b is 0)."""
+    s = a + b
+    if a == 1 and b == 0:
+        return (p * (p.log() - q.log()) - p + q).sum()
+    if a == 0 and b == 1:
+        return (q * (q.log() - p.log()) - q + p).sum()
+    return -(p ** a * q ** b - a / s * p ** s - b / s * q ** s).sum() / (a * b)
+
+
+def abkd_reference(s, t, y, a, b, temperature):
+    """``mean over kept rows of T^2 D_AB(softmax(t / T) || softmax(s / T))`` in float64."""
+    c = s.shape[-1]
+    s, t = s.reshape(-1, c).double(), t.reshape(-1, c).double()
+    y = y.reshape(-1)
+    total, count = 0.0, 0
+    for i in range(s.shape[0]):
+        if y[i] == -100:
+            continue
+        p = torch.softmax(t[i] / temperature, -1)
+        q = torch.softmax(s[i] / temperature, -1)
+        total = total + temperature ** 2 * ab_plain(p, q, a, b)
+        count += 1
+    return total / count
+
+
+def abdkd_reference(s, t, y, alpha, beta, temperature, a, b):
+    """``T^2 (alpha KL(b^t || b^s) + beta D_AB(rho^t || rho^s))`` averaged over rows."""
+    total = 0.0
+    for i in range(s.shape[0]):
+        p = torch.softmax(t[i].double() / temperature, -1)
+        q = torch.softmax(s[i].double() / temperature, -1)
+        k = int(y[i])
+        bt, bs = torch.stack([p[k], 1 - p[k]]), torch.stack([q[k], 1 - q[k]])
+        tckd = (bt * (bt.log() - bs.log())).sum()
+        rest = [j for j in range(s.shape[1]) if j != k]
+        nckd = ab_plain(p[rest] / p[rest].sum(), q[rest] / q[rest].sum(), a, b)
+        total = total + temperature ** 2 * (alpha * tckd + beta * nckd)
+    return total / s.shape[0]
+
+
+def logits(*shape, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(*shape, generator=g), scale * torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("a,b,temperature", [(0.8, 0.3, 4.0), (0.2, 0.7, 1.0), (0.5, 0.5, 2.0),
+                                             (1.0, 0.0, 4.0), (0.0, 1.0, 1.0), (1.2, -0.2, 3.0)])
+def test_abkd_matches_reference_with_gradients(a, b, temperature):
+    s, t = logits(16, 10, seed=1)
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
+    s32 = s.clone().requires_grad_()
+    loss = kdcore.create("loss", "abkd", alpha=a, beta=b, temperature=temperature)
+    got = loss(s32, t, y)
+    got.backward()
+    s64 = s.double().requires_grad_()
+    want = abkd_reference(s64, t, y, a, b, temperature)
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("a,b,temperature", [(0.2, 0.7, 1.0), (0.8, 0.3, 2.0)])
+def test_abkd_token_level_ignores_positions(a, b, temperature):
+    s, t = logits(3, 5, 50, seed=3, scale=4.0)
+    y = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(4))
+    y[0, 3:] = -100
+    y[2, 0] = -100
+    s[0, 4] = 1e4                   # an ignored position's values never reach the result
+    s32 = s.clone().requires_grad_()
+    got = kdcore.create("loss", "abkd", alpha=a, beta=b, temperature=temperature)(s32, t, y)
+    got.backward()
+    s64 = s.double().requires_grad_()
+    want = abkd_reference(s64, t, y, a, b, temperature)
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+    assert (s32.grad[0, 3:] == 0).all() and (s32.grad[2, 0] == 0).all()
+    keep = y != -100
+    torch.testing.assert_close(s32.grad[keep].double(), s64.grad[keep], rtol=1e-4, atol=1e-7)
+
+
+def test_abkd_bf16_inputs():
+    s, t = logits(2, 6, 40, seed=5)
+    y = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(6))
+    y[1, 2] = -100
+    s16 = s.bfloat16().requires_grad_()
+    got = kdcore.create("loss", "abkd")(s16, t.bfloat16(), y)
+    got.backward()
+    want = abkd_reference(s.bfloat16(), t.bfloat16(), y, 0.8, 0.3, 4.0)
+    assert got.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+    assert torch.isfinite(s16.grad.float()).all()
+
+
+def test_kd_with_ab_divergence_is_abkd():
+    s, t = logits(12, 30, seed=7)
+    y = torch.zeros(12, dtype=torch.long)
+    for a, b in [(0.8, 0.3), (0.2, 0.7), (0.0, 0.0)]:
+        kd = kdcore.create("loss", "kd", temperature=2.0, divergence={"name": "ab", "alpha": a, "beta": b})
+        ab = kdcore.create("loss", "abkd", alpha=a, beta=b, temperature=2.0)
+        torch.testing.assert_close(kd(s, t, y), ab(s, t, y), rtol=0, atol=0)
+    kd_kl = kdcore.create("loss", "kd", temperature=2.0)
+    kd_ab = kdcore.create("loss", "kd", temperature=2.0, divergence={"name": "ab", "alpha": 1, "beta": 0})
+    torch.testing.assert_close(kd_ab(s, t, y), kd_kl(s, t, y), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha,beta,temperature,a,b", [(1.0, 8.0, 4.0, 0.8, 0.3), (2.0, 0.5, 1.0, 0.2, 0.7),
+                                                        (1.0, 1.0, 2.0, 1.0, 0.0)])
+def test_abdkd_matches_reference(alpha, beta, temperature, a, b):
+    s, t = logits(10, 8, seed=8)
+    y = torch.randint(0, 8, (10,), generator=torch.Generator().manual_seed(9))
+    s32 = s.clone().requires_grad_()
+    loss = kdcore.create("loss", "abdkd", alpha=alpha, beta=beta, temperature=temperature, ab_alpha=a, ab_beta=b)
+    got = loss(s32, t, y)
+    got.backward()
+    s64 = s.double().requires_grad_()
+    want = abdkd_reference(s64, t, y, alpha, beta, temperature, a, b)
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_abdkd_with_kl_on_both_parts_is_dkd():
+    """ab (1, 0) on NCKD is DKD itself; with alpha = 1, beta = 1 - p_t per row it would
+    be KL (tand.txt thm 2.1); here: the same as the dkd plugin where installed."""
+    if "dkd" not in kdcore.available("loss"):
+        pytest.skip("kdcore-dkd is not installed")
+    s, t = logits(9, 12, seed=10)
+    y = torch.randint(0, 12, (9,), generator=torch.Generator().manual_seed(11))
+    dkd = kdcore.create("loss", "dkd", alpha=1.0, beta=8.0, temperature=4.0,
+                        nckd_divergence={"name": "ab", "alpha": 0.8, "beta": 0.3})
+    abdkd = kdcore.create("loss", "abdkd")
+    torch.testing.assert_close(abdkd(s, t, y), dkd(s, t, y), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name,kwargs", [("abkd", {}), ("abkd", {"alpha": 0.0, "beta": 0.0}),
+                                         ("abdkd", {}), ("kd", {"divergence": "ab"})])
+def test_chunked_equals_unchunked(name, kwargs):
+    s, t = logits(3, 7, 33, seed=12)
+    y = torch.randint(0, 33, (3, 7), generator=torch.Generator().manual_seed(13))
+    y[1, :4] = -100
+    results = []
+    for chunk_size in (None, 4):
+        s_g = s.clone().requires_grad_()
+        value = kdcore.create("loss", name, chunk_size=chunk_size, **kwargs)(s_g, t, y)
+        value.backward()
+        results.append((value, s_g.grad))
+    (v0, g0), (v1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=0)
+    # the core's chunked path scales by 1/count after log_softmax's backward instead of
+    # before, which moves the rounding of its cancelling sum: equal to float32 rounding
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * g0.abs().max().item())
+
+
+def test_padded_vocabulary_columns():
+    """-inf logits in both models (padded vocabulary) change nothing and get zero grads."""
+    s, t = logits(2, 4, 20, seed=14)
+    y = torch.randint(0, 20, (2, 4), generator=torch.Generator().manual_seed(15))
+    pad = torch.full((2, 4, 6), -math.inf)
+    for name in ("abkd", "abdkd"):
+        loss = kdcore.create("loss", name, chunk_size=3)
+        s_pad = torch.cat([s, pad], -1).requires_grad_()
+        value = loss(s_pad, torch.cat([t, pad], -1), y)
+        value.backward()
+        torch.testing.assert_close(value, loss(s, t, y), rtol=1e-6, atol=0)
+        assert torch.isfinite(s_pad.grad).all() and (s_pad.grad[..., 20:] == 0).all()
+
+
+def test_defaults_and_parameter_errors():
+    abkd = kdcore.create("loss", "abkd")
+    assert (abkd.divergence.alpha, abkd.divergence.beta, abkd.temperature) == (0.8, 0.3, 4.0)
+    abdkd = kdcore.create("loss", "abdkd")
+    assert (abdkd.alpha, abdkd.beta, abdkd.temperature) == (1.0, 8.0, 4.0)
+    assert (abdkd.nckd_divergence.alpha, abdkd.nckd_divergence.beta) == (0.8, 0.3)
+    with pytest.raises(kdcore.ConfigError, match="ab_beta"):
+        kdcore.create("loss", "abdkd", ab_beta="x")
+    with pytest.raises(kdcore.ConfigError, match="temperature"):
+        kdcore.create("loss", "abkd", temperature=0.0)
+    with pytest.raises(kdcore.ConfigError, match="divergence"):
+        kdcore.create("loss", "abkd", divergence="kl")
+    with pytest.raises(ValueError, match="targets"):
+        abdkd(torch.zeros(2, 3), torch.zeros(2, 3), None)

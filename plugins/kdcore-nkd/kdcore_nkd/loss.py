@@ -1,0 +1,47 @@
+"""The ``nkd`` loss: Normalized Knowledge Distillation (Yang et al. 2023;
+tand.txt eq. 7, related-abstracts NKD) with the temperature convention of
+methods.md: ``L = -p_t log q_t + gamma * T^2 * CE(rho^t(T), rho^s(T))``, the
+target term at T = 1 and without ``gamma``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from kdcore import params
+from kdcore.functional import log_softmax_t, split_target
+from kdcore.losses import LogitLoss, Spec, resolve_divergence
+
+from kdcore_nkd.terms import nkd_rows
+
+
+class NKD(LogitLoss):
+    """``nkd``: ``-p_t log q_t + gamma * T^2 * CE(rho^t(T), rho^s(T))`` (tand.txt eq. 7).
+
+    Defaults ``gamma=1.5``, ``temperature=1`` (the TAND paper's setting).
+    ``divergence=`` (name, ``{"name": ..}`` mapping or object) replaces the
+    non-target cross entropy by ``D(rho^t || rho^s)``; ``kl`` gives the same
+    student gradients as the default (the values differ by the teacher's
+    non-target entropy). The target term is not a divergence between two
+    distributions and stays ``-p_t log q_t``.
+    """
+
+    uses_target = True
+
+    def __init__(self, *, gamma: float = 1.5, temperature: float = 1.0, divergence: Spec | None = None,
+                 transforms: Sequence[Spec] | None = None, chunk_size: int | None = None):
+        super().__init__(temperature=temperature, transforms=transforms, chunk_size=chunk_size)
+        self.gamma = params.non_negative("gamma", gamma)
+        self.divergence = None if divergence is None else resolve_divergence(divergence, "divergence")
+
+    def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        t = self.temperature
+        split_t = split_target(log_softmax_t(teacher, t), target)
+        split_s = split_target(log_softmax_t(student, t), target)
+        return nkd_rows(teacher, student, target, split_t, split_s, t, self.gamma, self.divergence)
+
+    def extra_repr(self) -> str:
+        div = "cross_entropy" if self.divergence is None else repr(self.divergence)
+        return f"gamma={self.gamma:g}, temperature={self.temperature:g}, divergence={div}"

@@ -1,0 +1,15 @@
+"""kdcore-vision: image backbones with a uniform feature interface, and image datasets.
+
+Backbones (``create("backbone", name, num_classes=K)``): the CIFAR KD zoo
+(:data:`kdcore_vision.zoo.CIFAR_MODELS`) and every torchvision classifier as
+``tv.NAME``. All are called ``model(x)`` -> logits or
+``model(x, return_features=True)`` -> ``(logits, Features)``; see
+:mod:`kdcore_vision.features`. Datasets: ``cifar10``, ``cifar100``,
+``imagefolder``, ``digits`` (offline).
+"""
+
+from kdcore_vision.features import Backbone, Features, feature_shapes
+from kdcore_vision.zoo import CIFAR_MODELS
+
+__version__ = "0.1.0"
+__all__ = ["Backbone", "Features", "feature_shapes", "CIFAR_MODELS", "__version__"]

@@ -1,0 +1,24 @@
+"""Hook implementations of kdcore-vision (entry point ``vision``)."""
+
+from __future__ import annotations
+
+from kdcore import hookimpl
+from kdcore_vision import cifar, digits, imagefolder
+from kdcore_vision.torchvision_models import classification_models, torchvision_factory
+from kdcore_vision.zoo import CIFAR_MODELS
+
+
+@hookimpl
+def register_backbones(register):
+    for name, factory in CIFAR_MODELS.items():
+        register(name, factory)
+    for name in classification_models():
+        register(f"tv.{name}", torchvision_factory(name))
+
+
+@hookimpl
+def register_datasets(register):
+    register("cifar10", cifar.cifar10)
+    register("cifar100", cifar.cifar100)
+    register("imagefolder", imagefolder.imagefolder)
+    register("digits", digits.digits)
