@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from kdcore import create
 from kdcore.engine import build_trainer
 
-VARIANTS = {"fp32": ("off", False), "bf16": ("bf16", False), "bf16_cl": ("bf16", True), "fp32_cl": ("off", True)}
+#: name -> (run.amp, run.channels_last)
+VARIANTS = {"fp32": ("off", False), "bf16": ("bf16", False), "bf16_cl": ("bf16", True),
+            "fp32_cl": ("off", True)}
 
 
 def config(batch: int, device: str, amp: str, channels_last: bool, checkpoint: str) -> dict:
@@ -53,8 +55,10 @@ def run_variant(name: str, args, checkpoint: str) -> tuple[float, float]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     student.to(memory_format=fmt)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
     temp = 4.0
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
 
     def baseline_step(x, y):
         x = x.contiguous(memory_format=fmt)

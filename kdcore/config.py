@@ -57,6 +57,7 @@ class RunConfig:
     channels_last: bool = _field(bool, False)
     compile: bool = _field(bool, False)
     num_workers: int = _field(int, 0, _non_negative)
+    threads: int = _field(int, 0, _non_negative)  # CPU threads for torch (0: torch's default)
     eval_every: int = _field(int, 1, _positive)
     log_every: int = _field(int, 50, _positive)
     deterministic: bool = _field(bool, True)

@@ -20,7 +20,7 @@ from kdcore.losses import LogitLoss
 from kdcore.plugins import default_registry
 
 TEACHER: dict[str, Any] = {
-    "run": {"seed": 0, "epochs": 10, "batch_size": 64, "progress": "off"},
+    "run": {"seed": 0, "epochs": 10, "batch_size": 64, "progress": "off", "threads": 1},
     "data": {"name": "gaussian_mixture"},
     "student": {"backbone": "mlp", "hidden": [128, 128]},
     "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
@@ -28,7 +28,7 @@ TEACHER: dict[str, Any] = {
 }
 
 STUDENT: dict[str, Any] = {
-    "run": {"seed": 1, "epochs": 6, "batch_size": 64, "progress": "off"},
+    "run": {"seed": 1, "epochs": 6, "batch_size": 64, "progress": "off", "threads": 1},
     "data": {"name": "gaussian_mixture"},
     "student": {"backbone": "mlp", "hidden": [16]},
     "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},

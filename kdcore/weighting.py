@@ -31,7 +31,7 @@ class Update:
     """What a gradient-aware scheduler returns for one step."""
 
     grad: Tensor | None = None                   #: flat update over ``ctx.params``
-    coefficients: Mapping[str, float] | None = None  #: or one coefficient per term
+    coefficients: Mapping[str, float] | None = None  #: or one coefficient per term (missing: 1)
     info: Mapping[str, float] = attrs.field(factory=dict)  #: scalars to log (weights, lambda, cosines)
 
     def __attrs_post_init__(self) -> None:
@@ -43,11 +43,13 @@ class Update:
 class GradientContext:
     """Everything a gradient-aware scheduler may use on one step."""
 
-    losses: dict[str, Tensor]            #: term name -> time-weighted loss on the batch
-    roles: dict[str, str]                #: term name -> "ce" (label term) or "kd" (uses the teacher)
+    losses: dict[str, Tensor]            #: term name -> time-weighted loss on the batch (weight != 0 now)
+    roles: dict[str, str]                #: every term's name -> "ce" (label term) or "kd" (uses the teacher)
     params: list[torch.nn.Parameter]     #: the student's trainable parameters
     progress: Progress
-    aux_losses: Callable[[], dict[str, Tensor]] | None = None  #: term losses on an auxiliary batch
+    #: ``aux_losses(names=None)``: time-weighted losses of the named terms (default: all
+    #: active ones) on an auxiliary batch; the teacher runs only if a named term needs it
+    aux_losses: Callable[..., dict[str, Tensor]] | None = None
     reduce: Callable[[Tensor], Tensor] = lambda t: t  #: mean over ranks (identity without DDP)
 
     def grad(self, loss: Tensor, *, retain_graph: bool = True) -> Tensor:
@@ -60,9 +62,9 @@ class GradientContext:
     def terms(self, role: str, names: Sequence[str] | None = None) -> list[str]:
         """Names of the terms of a role, or the given names (checked)."""
         if names is not None:
-            unknown = [n for n in names if n not in self.losses]
+            unknown = [n for n in names if n not in self.roles]
             if unknown:
-                raise KeyError(f"unknown loss term(s) {unknown}; terms are {list(self.losses)}")
+                raise KeyError(f"unknown loss term(s) {unknown}; terms are {list(self.roles)}")
             return list(names)
         return [n for n, r in self.roles.items() if r == role]
 

@@ -68,10 +68,14 @@ class Objective:
     def weights(self, progress: Progress) -> dict[str, float]:
         return {t.id: t.weight_at(progress) for t in self.terms}
 
+    def active(self, weights: Mapping[str, float], names=None) -> list[Term]:
+        """Terms with a non-zero weight (among ``names`` if given)."""
+        return [t for t in self.terms if weights[t.id] != 0.0 and (names is None or t.id in names)]
+
     def losses(self, student: Tensor, teacher: Tensor | None, target: Tensor,
-               weights: Mapping[str, float]) -> dict[str, Tensor]:
-        """Unweighted value of every term with a non-zero weight."""
-        return {t.id: t.loss(student, teacher, target) for t in self.terms if weights[t.id] != 0.0}
+               weights: Mapping[str, float], names=None) -> dict[str, Tensor]:
+        """Unweighted value of every active term (among ``names`` if given)."""
+        return {t.id: t.loss(student, teacher, target) for t in self.active(weights, names)}
 
     def roles(self) -> dict[str, str]:
         return {t.id: t.role for t in self.terms}

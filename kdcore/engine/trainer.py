@@ -88,6 +88,8 @@ class Trainer:
         if run.batch_size < self.dist.world:
             raise ConfigError(f"run.batch_size: {run.batch_size} is smaller than the {self.dist.world} processes")
         self.out = Path(out_dir) if out_dir is not None else None
+        if run.threads:
+            torch.set_num_threads(run.threads)
         if run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -173,8 +175,8 @@ class Trainer:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def teacher_logits(self, x: Tensor) -> Tensor | None:
-        if self.teacher is None or not self.objective.uses_teacher:
+    def teacher_logits(self, x: Tensor, needed: bool = True) -> Tensor | None:
+        if self.teacher is None or not needed:
             return None
         with torch.no_grad():
             return self.teacher(x)
@@ -197,7 +199,8 @@ class Trainer:
                 coefs = {k: w * float(c.get(k, 1.0)) for k, w in weights.items()}
             with self.autocast():
                 s = self.model(x)
-                losses = self.objective.losses(s, self.teacher_logits(x), y, coefs)
+                t = self.teacher_logits(x, any(term.uses_teacher for term in self.objective.active(coefs)))
+                losses = self.objective.losses(s, t, y, coefs)
                 total = sum(coefs[k] * v for k, v in losses.items())
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -216,26 +219,26 @@ class Trainer:
         """A step through the gradient-aware seam (per-term gradients, reduced over ranks)."""
         module = self.student  # not the DDP wrapper: gradients are reduced explicitly
 
-        def term_losses(xb, yb):
+        def term_losses(xb, yb, names=None):
+            needs_teacher = any(t.uses_teacher for t in self.objective.active(weights, names))
             with self.autocast():
                 s = module(xb)
-                raw = self.objective.losses(s, self.teacher_logits(xb), yb, weights)
+                raw = self.objective.losses(s, self.teacher_logits(xb, needs_teacher), yb, weights, names)
             return raw, {k: weights[k] * v for k, v in raw.items()}
 
         raw, weighted = term_losses(x, y)
         aux_fn = None
         if self.weighting.needs_aux_batch:
-            def aux_fn():
+            def aux_fn(names=None):
                 xa, ya = next(aux)
-                return term_losses(self._inputs(xa), ya)[1]
-        ctx = GradientContext(weighted, {k: r for k, r in self.objective.roles().items() if k in weighted},
-                              self.params, progress, aux_fn, self.dist.mean)
+                return term_losses(self._inputs(xa), ya, names)[1]
+        ctx = GradientContext(weighted, self.objective.roles(), self.params, progress, aux_fn, self.dist.mean)
         update = self.weighting.combine(ctx)
         self.optimizer.zero_grad(set_to_none=True)
         if update.grad is not None:
             unflatten_into(update.grad, self.params)
         else:
-            total = sum(float(update.coefficients.get(k, 0.0)) * v for k, v in weighted.items())
+            total = sum(float(update.coefficients.get(k, 1.0)) * v for k, v in weighted.items())
             total.backward()
             if self.dist.enabled:
                 for p in self.params:

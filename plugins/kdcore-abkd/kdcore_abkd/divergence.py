@@ -54,6 +54,10 @@ from kdcore import params
 LOG_ZERO = -1e30
 #: bound on ``|alpha|``, ``|beta|`` (keeps ``alpha * LOG_ZERO`` finite)
 MAX_EXPONENT = 1e3
+#: exponents (and ``alpha + beta``) smaller than this in magnitude are taken as 0:
+#: the divergence moves by O(exponent), far below float precision, and ``1 / c``
+#: stays finite
+TINY_EXPONENT = 1e-12
 #: the series is used where ``|d| * max(|a|, |b|, |a + b|) < TAU``
 TAU = 0.25
 #: elements per block (a dozen block-sized temporaries stay in cache)
@@ -72,6 +76,10 @@ def series_coefficients(b: float, s: float, tol: float) -> list[float]:
             return coef
 
 
+def _snap(c: float) -> float:
+    return 0.0 if abs(c) < TINY_EXPONENT else c
+
+
 class _Plan:
     """The constants of one ``(alpha, beta)``: which identity is used away from
     ``d = 0``, its scalars, and the series near ``d = 0`` (per dtype).
@@ -81,7 +89,8 @@ class _Plan:
     """
 
     def __init__(self, a: float, b: float):
-        s = a + b
+        a, b = _snap(a), _snap(b)
+        s = _snap(a + b)
         self.a, self.b, self.s = a, b, s
         cmax = max(abs(a), abs(b), abs(s))
         self.radius = TAU / cmax if cmax > 0 else math.inf
@@ -145,9 +154,9 @@ def _block(lp: Tensor, lq: Tensor, plan: _Plan, out_p: Tensor | None, out_q: Ten
         lq.masked_fill_(out, 0.0)
     d = lq - lp
     absd = d.abs()
-    la = lp.mul_(s)                                   # log p^s
+    lm = torch.mul(lq, b).add_(lp, alpha=a)           # log p^a q^b (not s lp + b d: huge
+    la = lp.mul_(s)                                   # log p^s      terms could cancel)
     lb = lq.mul_(s)                                   # log q^s
-    lm = torch.add(la, d, alpha=b)                    # log p^a q^b
     u_a = _scaled_diff(lm, lb, a, d, absd, out_q)
     u_b = _scaled_diff(la, lm, b, d, absd, out_p)
     if plan.identity == "s":

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import kdcore
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=30, deadline=None)
 EXPONENTS = st.sampled_from([0.0, 1e-6, 0.1, 0.3, 0.5, 0.8, 1.0, 2.0])
 
 
@@ -20,11 +20,11 @@ def logit_arrays(bound: float):
 
 
 @st.composite
-def batches(draw, bound: float):
+def batches(draw, bound: float, confident: bool = True):
     """Student and teacher logits ``[2, 3, 9]``, some columns ``-inf`` in both, a
     teacher that may be very confident, targets with ignored positions."""
     s = torch.from_numpy(draw(logit_arrays(bound)))
-    t = torch.from_numpy(draw(logit_arrays(bound))) * draw(st.sampled_from([1.0, 1e3]))
+    t = torch.from_numpy(draw(logit_arrays(bound))) * draw(st.sampled_from([1.0, 1e3] if confident else [1.0]))
     pad = draw(st.lists(st.integers(0, 8), max_size=4, unique=True))
     y = torch.tensor(draw(st.lists(st.sampled_from([-100, *range(9)]), min_size=6, max_size=6))).reshape(2, 3)
     y = torch.where(torch.isin(y, torch.tensor(pad)), torch.full_like(y, -100), y)
@@ -50,7 +50,7 @@ def test_abkd_finite(batch, a, b, temperature, chunk_size):
 
 
 @SETTINGS
-@given(batches(1e30), EXPONENTS, EXPONENTS)
+@given(batches(2.0 ** 100), EXPONENTS, EXPONENTS)
 def test_abkd_finite_on_huge_logits(batch, a, b):
     check_finite(kdcore.create("loss", "abkd", alpha=a, beta=b, temperature=1.0), *batch)
 
@@ -63,7 +63,7 @@ def test_abdkd_finite(batch, a, b, temperature):
 
 
 @SETTINGS
-@given(batches(10.0), st.floats(-1.0, 2.0), st.floats(-1.0, 2.0))
+@given(batches(10.0, confident=False), st.floats(-1.0, 2.0), st.floats(-1.0, 2.0))
 def test_negative_exponents_finite_on_moderate_logits(batch, a, b):
     """With a negative exponent the divergence is unbounded; on moderate logits it
     and its gradients are still finite, on the common support."""

@@ -112,7 +112,7 @@ class CrossBatch(GradientWeighting):
             raise RuntimeError("crossbatch needs the auxiliary batch (ctx.aux_losses) from the engine")
         ce, kd, other = self.groups.split(ctx)
         g_ce, g_kd, *g_other = _group_grads(ctx, [ce, kd] + ([other] if other else []))
-        g_ref = _grad_of(ctx, ctx.aux_losses(), ce, retain_graph=False)
+        g_ref = _grad_of(ctx, ctx.aux_losses(ce), ce, retain_graph=False)
         g, info = crossbatch_update(g_ce, g_kd, g_ref, c=self.c, mode=self.mode)
         if g_other:
             g.add_(g_other[0])

@@ -42,8 +42,8 @@ def digits(image_size: int = 32, split: Sequence[float] = (0.7, 0.15, 0.15), see
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
     if not isinstance(augment, bool):
         raise ConfigError(f"augment: must be true or false, got {augment!r}")
-    if len(split) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in split) \
-            or abs(sum(split) - 1.0) > 1e-6:
+    numbers = all(not isinstance(s, bool) and isinstance(s, (int, float)) and s >= 0 for s in split)
+    if len(split) != 3 or not numbers or abs(sum(split) - 1.0) > 1e-6:
         raise ConfigError(f"split: must be three non-negative fractions summing to 1, got {list(split)!r}")
     images, labels = load_images(image_size)
     n = len(labels)

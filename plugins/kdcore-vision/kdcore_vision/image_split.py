@@ -35,8 +35,9 @@ class ImageTensorSplit(torch.utils.data.Dataset):
         self.augment, self.pad, self.flip = augment, (pad if augment else 0), flip
         self.images = F.pad(images, [self.pad] * 4) if self.pad else images.contiguous()
         self.labels = labels.long()
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(-1, 1, 1)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(-1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std_t)).view(-1, 1, 1)
+        self.shift = (torch.tensor(mean, dtype=torch.float32) / std_t).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return self.labels.shape[0]

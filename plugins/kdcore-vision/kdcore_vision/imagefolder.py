@@ -32,7 +32,8 @@ def transforms(image_size: int, augment: str, train: bool, mean: Sequence[float]
     else:
         geometry = [v2.Resize((image_size, image_size), antialias=True)]
         if train and augment == "cifar":
-            geometry += [v2.RandomCrop(image_size, padding=max(1, image_size // 8)), v2.RandomHorizontalFlip()]
+            pad = max(1, image_size // 8)
+            geometry += [v2.RandomCrop(image_size, padding=pad), v2.RandomHorizontalFlip()]
     return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(mean), list(std))])
 
@@ -78,5 +79,6 @@ def imagefolder(root: str, image_size: int = 224, augment: str = "imagenet",
     evaluate = transforms(image_size, augment, False, mean, std)
     val = ClassFolder(base / "val", train.class_to_idx, evaluate)
     test = ClassFolder(base / "test", train.class_to_idx, evaluate) if (base / "test").is_dir() else None
-    return DataSplits(train, val, test, num_classes=len(train.classes), input_shape=(3, image_size, image_size),
+    return DataSplits(train, val, test, num_classes=len(train.classes),
+                      input_shape=(3, image_size, image_size),
                       meta={"classes": list(train.classes), "mean": tuple(mean), "std": tuple(std)})

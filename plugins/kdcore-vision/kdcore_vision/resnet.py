@@ -103,6 +103,7 @@ def cifar_resnet(depth: int, stem: int = 16, widths: Sequence[int] = (16, 32, 64
     def build(num_classes: int = 100) -> ResNet:
         return ResNet(BasicBlock, [(depth - 2) // 6] * 3, stem, widths, num_classes)
 
+    build.__doc__ = f"CIFAR ResNet-{depth}: {stem}-channel stem, {'/'.join(map(str, widths))}-channel stages."
     return build
 
 
@@ -112,4 +113,5 @@ def four_stage_resnet(block: type[BasicBlock] | type[Bottleneck], blocks: Sequen
     def build(num_classes: int = 100) -> ResNet:
         return ResNet(block, blocks, 64, [64, 128, 256, 512], num_classes)
 
+    build.__doc__ = f"ImageNet ResNet, {'/'.join(map(str, blocks))} {block.__name__}s, 3x3 CIFAR stem."
     return build

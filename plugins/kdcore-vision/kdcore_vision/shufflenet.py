@@ -88,8 +88,8 @@ class ShuffleNetV1(Backbone):
         self.stem = conv_bn(3, 24, 1, relu=True)
         cin, stages = 24, []
         for width, n in zip((240, 480, 960), (4, 8, 4)):
-            stages.append(nn.Sequential(*[ShuffleV1Unit(cin if i == 0 else width, width, 2 if i == 0 else 1, 3)
-                                          for i in range(n)]))
+            units = [ShuffleV1Unit(cin if i == 0 else width, width, 2 if i == 0 else 1, 3) for i in range(n)]
+            stages.append(nn.Sequential(*units))
             cin = width
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(cin, num_classes)

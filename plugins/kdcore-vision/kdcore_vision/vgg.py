@@ -61,4 +61,5 @@ def vgg(depth: int):
     def build(num_classes: int = 100) -> VGG:
         return VGG(CONFIGS[depth], num_classes)
 
+    build.__doc__ = f"VGG-{depth} with batch norm for 32x32 inputs."
     return build

@@ -67,4 +67,5 @@ def wide_resnet(depth: int, widen: int):
     def build(num_classes: int = 100) -> WideResNet:
         return WideResNet(depth, widen, num_classes)
 
+    build.__doc__ = f"Wide ResNet, depth {depth}, widening factor {widen}."
     return build

@@ -1,0 +1,27 @@
+"""Packaging: the plugin stands alone on kdcore (no kdcore-dkd) and registers its names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+
+def test_depends_only_on_kdcore():
+    requires = [r.split(";")[0].strip() for r in metadata.requires("kdcore-abkd") or []]
+    runtime = [r for r in requires if "extra ==" not in r]
+    names = {r.split(">")[0].split("=")[0].split("<")[0].strip() for r in requires}
+    assert "kdcore-dkd" not in names
+    assert any(r.startswith("kdcore") for r in runtime)
+
+
+def test_registers_with_only_this_plugin_loaded():
+    env = dict(os.environ, KDCORE_PLUGINS="abkd")
+    out = subprocess.run([sys.executable, "-m", "kdcore", "list", "--json"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    listed = {kind: {(c["name"], c["plugin"]) for c in comps} for kind, comps in json.loads(out).items()}
+    assert {("abkd", "abkd"), ("abdkd", "abkd")} <= listed["loss"]
+    assert ("ab", "abkd") in listed["divergence"]
+    assert not any(plugin not in ("abkd", "builtin") for comps in listed.values() for _, plugin in comps)
