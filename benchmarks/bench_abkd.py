@@ -131,8 +131,8 @@ def measure_memory(names, n, c, chunk_size):
     cases = [(name, impl, k) for name in names for impl, k in
              (("plain", None), ("kdcore", None), ("kdcore", chunk_size))]
     for name, impl, k in cases:
-        out = subprocess.run([sys.executable, __file__, "--_memory-case",
-                              json.dumps([name, impl, n, c, k])],
+        out = subprocess.run([sys.executable, __file__, "--threads", str(torch.get_num_threads()),
+                              "--_memory-case", json.dumps([name, impl, n, c, k])],
                              capture_output=True, text=True, env=env)
         result = f"{float(out.stdout):5.2f}x" if out.returncode == 0 else f"failed: {out.stderr.strip()[-200:]}"
         label = f"{impl}" + ("" if impl == "plain" else f" chunk_size={k}")

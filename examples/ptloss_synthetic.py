@@ -1,12 +1,13 @@
 """The synthetic experiment of PTLoss (ptloss.txt sec. 5.1, appendix A.5).
 
-For each seed: train the teacher (examples/ptloss_teacher.toml), search
-3rd-order PTLoss coefficients on the teacher's validation outputs (alg. 1,
-eq. 11), then train students on the same training data with one-hot labels
+For each seed: train the teacher (examples/ptloss_teacher.toml) on its own
+5000 samples, search 3rd-order PTLoss coefficients on its outputs on the
+students' validation split (alg. 1, eq. 11), then train students on a
+separate distillation set of 9000 samples with one-hot labels
 (OHT), label smoothing (LS), KD and PTLoss (examples/ptloss_*.toml), from
 their own initialisation (run seed 100 + seed). Prints
 each supervision's L2 distance to the exact Bayes posterior on the training
-data (for KD the teacher, for PTLoss its proxy teacher) and each student's
+data (for KD the teacher, for PTLoss its proxy teacher) and each model's
 test accuracy and distance to the posterior, as mean +- std over seeds.
 
     python examples/ptloss_synthetic.py [--seeds 0 1 2] [--out runs/ptloss_synthetic]
@@ -47,16 +48,26 @@ def l2_to_posterior(target: torch.Tensor, posterior: torch.Tensor) -> float:
     return float((target - posterior).norm(dim=-1).mean())
 
 
+def dataset(conf: dict):
+    return kdcore.create("dataset", conf["data"]["name"], **{k: v for k, v in conf["data"].items() if k != "name"})
+
+
+def check_disjoint(a: torch.Tensor, b: torch.Tensor) -> None:
+    seen = {tuple(row) for row in a.tolist()}
+    if any(tuple(row) in seen for row in b.tolist()):
+        raise SystemExit("the teacher's and the students' training sets share samples")
+
+
 def run_seed(seed: int, out: Path, say) -> dict[str, dict[str, float]]:
     teacher_conf = config("ptloss_teacher.toml")
     say(f"[seed {seed}] teacher")
-    t_summary = kdcore.train(teacher_conf, out_dir=out / "teacher", overrides=[f"run.seed={seed}"], quiet=True)
+    kdcore.train(teacher_conf, out_dir=out / "teacher", overrides=[f"run.seed={seed}"], quiet=True)
     ckpt = (out / "teacher" / "checkpoints" / "last.pt").resolve()
-    data = kdcore.create("dataset", teacher_conf["data"]["name"],
-                         **{k: v for k, v in teacher_conf["data"].items() if k != "name"})
+    data = dataset(config(METHODS["KD"]))                  # the students' (distillation) data
+    check_disjoint(dataset(teacher_conf).train.inputs, data.train.inputs)
     teacher = teacher_model(teacher_conf, ckpt, data)
     with torch.no_grad():
-        val_logits, train_logits = teacher(data.val.inputs), teacher(data.train.inputs)
+        val_logits, train_logits, test_logits = (teacher(s.inputs) for s in (data.val, data.train, data.test))
     found = search(val_logits, data.val.targets, orders=3, draws=100, seed=seed, progress=False)
     third = min((d for d in found.scores if d.order == 3), key=lambda d: d.score)
     say(f"[seed {seed}] eps {[round(e, 3) for e in third.eps]}: Q {third.score:.4f} (teacher {found.teacher_score:.4f})")
@@ -67,8 +78,11 @@ def run_seed(seed: int, out: Path, say) -> dict[str, dict[str, float]]:
     teacher_p = torch.softmax(train_logits.double(), -1)
     supervision = {"OHT": onehot, "LS": (1 - delta) * onehot + delta / data.num_classes, "KD": teacher_p,
                    "PTLoss": proxy_teacher(train_logits.double(), third.eps).exp()}
-    rows = {"teacher": {"test_acc": t_summary["test_acc"], "test_l2": t_summary["test_l2"],
-                        "target_l2": l2_to_posterior(teacher_p, post)}}
+    rows = {"teacher": {"test_acc": float((test_logits.argmax(-1) == data.test.targets).float().mean()),
+                        "test_l2": l2_to_posterior(torch.softmax(test_logits.double(), -1), data.test.posterior),
+                        "target_l2": l2_to_posterior(teacher_p, post)},
+            "Bayes posterior": {"test_acc": float((data.test.posterior.argmax(-1) == data.test.targets)
+                                                  .float().mean()), "test_l2": 0.0, "target_l2": 0.0}}
     for method, file in METHODS.items():
         overrides = [f"run.seed={100 + seed}"]
         if method in ("KD", "PTLoss"):
@@ -79,8 +93,6 @@ def run_seed(seed: int, out: Path, say) -> dict[str, dict[str, float]]:
         summary = kdcore.train(config(file), out_dir=out / method.lower(), overrides=overrides, quiet=True)
         rows[method] = {"test_acc": summary["test_acc"], "test_l2": summary["test_l2"],
                         "target_l2": l2_to_posterior(supervision[method], post)}
-    rows["Bayes posterior"] = {"test_acc": float((data.test.posterior.argmax(-1) == data.test.targets)
-                                                 .float().mean()), "test_l2": 0.0, "target_l2": 0.0}
     return rows
 
 

@@ -57,7 +57,12 @@ def split_target(logp: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     idx = target.unsqueeze(-1)
     log_pt = logp.gather(-1, idx).squeeze(-1)
     nontarget = logp.scatter(-1, idx, float("-inf"))
-    log_rest = torch.logsumexp(nontarget, dim=-1)
+    # A row whose non-target columns are all -inf (one real column) has
+    # log(1 - p_t) = -inf; the logsumexp runs on clamped inputs there so that its
+    # gradient is 0 instead of NaN, and the -inf is put back by the where.
+    floor = torch.finfo(nontarget.dtype).min
+    lse = torch.logsumexp(nontarget.clamp(min=floor), dim=-1)
+    log_rest = torch.where(torch.isneginf(nontarget).all(-1), float("-inf"), lse)
     finite_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
     log_rho = nontarget - finite_rest.unsqueeze(-1)
     return torch.stack([log_pt, log_rest], dim=-1), log_rho

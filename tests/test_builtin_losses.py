@@ -540,3 +540,15 @@ def test_gradient_scale_is_kept_across_temperatures(name):
     # the error is O(1/T): about 10x smaller for each 10x in T
     assert errors[2] < 2e-3
     assert errors[1] < errors[0] / 5 and errors[2] < errors[1] / 5
+
+
+def test_split_target_with_one_real_column_has_finite_grads():
+    """A row whose only finite column is the target: log(1 - p_t) = -inf, grads 0 not NaN."""
+    from kdcore.functional import split_target
+    z = torch.tensor([[2.0, float("-inf"), float("-inf")], [0.5, 1.0, float("-inf")]], requires_grad=True)
+    log_b, log_rho = split_target(torch.log_softmax(z, -1), torch.tensor([0, 1]))
+    assert log_b[0, 1] == float("-inf") and log_b[0, 0] == 0
+    assert torch.allclose(log_b[1].exp(), torch.softmax(z[1].detach()[:2], -1).flip(0))
+    assert log_rho[1, 0] == 0  # the renormalised non-target distribution of row 1 is one-hot
+    (log_b[:, 0].sum() + log_b[1, 1]).backward()
+    assert torch.isfinite(z.grad).all()

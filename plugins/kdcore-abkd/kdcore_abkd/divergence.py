@@ -60,8 +60,8 @@ MAX_EXPONENT = 1e3
 TINY_EXPONENT = 1e-12
 #: the series is used where ``|d| * max(|a|, |b|, |a + b|) < TAU``
 TAU = 0.25
-#: elements per block (a dozen block-sized temporaries stay in cache)
-BLOCK = 1 << 16
+#: elements per block (a dozen block-sized temporaries stay in the L2/L3 cache)
+BLOCK = 1 << 17
 
 
 def series_coefficients(b: float, s: float, tol: float) -> list[float]:

@@ -82,9 +82,6 @@ def test_token_level_extremes():
     assert_finite_with_grads(kdcore.create("loss", "dkd", chunk_size=2), zs, zt, y)
 
 
-@pytest.mark.xfail(strict=True, reason="core: split_target's logsumexp over a row whose non-target columns are "
-                                       "all -inf has NaN gradients (fix: clamp its input to finfo.min); "
-                                       "remove this marker once kdcore.functional.split_target is fixed")
 def test_single_real_column():
     """A row with one finite column (all others padded) whose target is that column."""
     zs = torch.tensor([[2.0, float("-inf"), float("-inf")], [0.5, 1.0, float("-inf")]])
