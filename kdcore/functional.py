@@ -30,8 +30,8 @@ def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     Terms with ``p_k = 0`` are exactly 0 even where ``log q_k = -inf``.
     """
     p = p_logp.exp()
-    zero = p == 0
-    return (p * (p_logp.masked_fill(zero, 0.0) - q_logp.masked_fill(zero, 0.0))).sum(-1)
+    # -inf - -inf is NaN where p = 0: masked to 0 (and its gradient with it)
+    return (p * (p_logp - q_logp).masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def ce_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:

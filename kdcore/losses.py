@@ -140,7 +140,13 @@ class LogitLoss(nn.Module):
             logp = transform(logp, target)
         return logp
 
-    def _row_sum(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+    def kept_sum(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+        """Sum of :meth:`rows` over the kept rows (all rows when ``target`` is None).
+
+        Inputs are flattened but not yet upcast. A subclass with a fused kernel
+        for the whole sum (``ce`` uses ``F.cross_entropy(..., ignore_index=-100,
+        reduction="sum")``) may override this instead of :meth:`rows`.
+        """
         s = student.float()
         t = None if teacher is None else self.teacher_side(teacher.float(), target)
         if target is None:
@@ -156,9 +162,9 @@ class LogitLoss(nn.Module):
             raise ValueError(f"{type(self).__name__} needs targets")
         s, t, y = flatten_rows(student, teacher if self.uses_teacher else None, target)
         if self.chunk_size is None or s.shape[0] <= self.chunk_size:
-            total = self._row_sum(s, t, y)
+            total = self.kept_sum(s, t, y)
         else:
-            total = _ChunkedRowSum.apply(self._row_sum, self.chunk_size, s, t, y)
+            total = _ChunkedRowSum.apply(self.kept_sum, self.chunk_size, s, t, y)
         if y is None:
             return total / s.shape[0]
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)

@@ -144,3 +144,13 @@ def test_weighting_info_is_logged(tmp_path, teacher_ckpt, monkeypatch):
 def test_bf16_autocast_runs(tmp_path, teacher_ckpt):
     summary = kdcore.train(runs.student_config(teacher_ckpt, epochs=1, amp="bf16"), tmp_path, quiet=True)
     assert 0.0 <= summary["test_acc"] <= 1.0
+
+
+def test_steps_where_every_weight_is_zero_leave_the_student_unchanged(tmp_path):
+    conf = runs.teacher_config(epochs=1)
+    conf["loss"] = [{"name": "ce", "weight": 0.0}]
+    trainer = build_trainer(conf, tmp_path, quiet=True)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    summary = trainer.fit()
+    assert summary["steps"] > 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())

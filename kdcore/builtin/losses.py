@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import kl_rows, log_softmax_t
+from kdcore.functional import IGNORE_INDEX, kl_rows, log_softmax_t
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
 
 
@@ -23,9 +24,14 @@ class CrossEntropy(LogitLoss):
         super().__init__(chunk_size=chunk_size)
         self.label_smoothing = params.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
+    def kept_sum(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> Tensor:
+        if self.label_smoothing:
+            return super().kept_sum(student, teacher, target)
+        return F.cross_entropy(student.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
     def rows(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> Tensor:
         if not self.label_smoothing:
-            return torch.nn.functional.cross_entropy(student, target, reduction="none")
+            return F.cross_entropy(student, target, reduction="none")
         # -inf columns are padding, not classes: the uniform part covers real columns only
         logq = torch.log_softmax(student, dim=-1)
         nll = -logq.gather(-1, target.unsqueeze(-1)).squeeze(-1)

@@ -77,5 +77,15 @@ class Objective:
         """Unweighted value of every active term (among ``names`` if given)."""
         return {t.id: t.loss(student, teacher, target) for t in self.active(weights, names)}
 
+    @staticmethod
+    def total(losses: Mapping[str, Tensor], coefs: Mapping[str, float]) -> Tensor | None:
+        """``sum_i c_i * L_i`` without multiplications by 1 (None when no term is active)."""
+        total = None
+        for k, v in losses.items():
+            c = float(coefs[k])
+            term = v if c == 1.0 else c * v
+            total = term if total is None else total + term
+        return total
+
     def roles(self) -> dict[str, str]:
         return {t.id: t.role for t in self.terms}

@@ -201,9 +201,11 @@ class Trainer:
                 s = self.model(x)
                 t = self.teacher_logits(x, any(term.uses_teacher for term in self.objective.active(coefs)))
                 losses = self.objective.losses(s, t, y, coefs)
-                total = sum(coefs[k] * v for k, v in losses.items())
+                total = self.objective.total(losses, coefs)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
+            if total is None:  # every weight is 0 at this step: nothing to learn from
+                total = torch.zeros((), device=self.device)
+            elif self.scaler is not None:
                 self.scaler.scale(total).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -238,8 +240,9 @@ class Trainer:
         if update.grad is not None:
             unflatten_into(update.grad, self.params)
         else:
-            total = sum(float(update.coefficients.get(k, 1.0)) * v for k, v in weighted.items())
-            total.backward()
+            total = self.objective.total(weighted, {k: update.coefficients.get(k, 1.0) for k in weighted})
+            if total is not None:
+                total.backward()
             if self.dist.enabled:
                 for p in self.params:
                     if p.grad is not None:
