@@ -58,7 +58,7 @@ def check_disjoint(a: torch.Tensor, b: torch.Tensor) -> None:
         raise SystemExit("the teacher's and the students' training sets share samples")
 
 
-def run_seed(seed: int, out: Path, say) -> dict[str, dict[str, float]]:
+def run_seed(seed: int, out: Path, say) -> dict:
     teacher_conf = config("ptloss_teacher.toml")
     say(f"[seed {seed}] teacher")
     kdcore.train(teacher_conf, out_dir=out / "teacher", overrides=[f"run.seed={seed}"], quiet=True)
@@ -70,7 +70,8 @@ def run_seed(seed: int, out: Path, say) -> dict[str, dict[str, float]]:
         val_logits, train_logits, test_logits = (teacher(s.inputs) for s in (data.val, data.train, data.test))
     found = search(val_logits, data.val.targets, orders=3, draws=100, seed=seed, progress=False)
     third = min((d for d in found.scores if d.order == 3), key=lambda d: d.score)
-    say(f"[seed {seed}] eps {[round(e, 3) for e in third.eps]}: Q {third.score:.4f} (teacher {found.teacher_score:.4f})")
+    searched = f"eps {[round(e, 3) for e in third.eps]}: Q {third.score:.4f} (teacher {found.teacher_score:.4f})"
+    say(f"[seed {seed}] {searched}")
 
     post, labels = data.train.posterior.double(), data.train.targets
     onehot = torch.nn.functional.one_hot(labels, data.num_classes).double()
@@ -81,6 +82,7 @@ def run_seed(seed: int, out: Path, say) -> dict[str, dict[str, float]]:
     rows = {"teacher": {"test_acc": float((test_logits.argmax(-1) == data.test.targets).float().mean()),
                         "test_l2": l2_to_posterior(torch.softmax(test_logits.double(), -1), data.test.posterior),
                         "target_l2": l2_to_posterior(teacher_p, post)},
+            "searched": searched,
             "Bayes posterior": {"test_acc": float((data.test.posterior.argmax(-1) == data.test.targets)
                                                   .float().mean()), "test_l2": 0.0, "target_l2": 0.0}}
     for method, file in METHODS.items():
@@ -98,7 +100,7 @@ def run_seed(seed: int, out: Path, say) -> dict[str, dict[str, float]]:
 
 def cell(values: list[float]) -> str:
     mean = statistics.fmean(values)
-    return f"{mean:.4f} +- {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+    return f"{mean:.4f} +- {statistics.stdev(values):.4f}" if len(set(values)) > 1 else f"{mean:.4f}"
 
 
 def main() -> None:
@@ -118,6 +120,9 @@ def main() -> None:
     for method in ["Bayes posterior", "teacher", *METHODS]:
         cols = [cell([r[method][k] for r in results]) for k in ("target_l2", "test_acc", "test_l2")]
         print(f"| {method} | " + " | ".join(cols) + " |")
+    print("\n(Bayes posterior and teacher rows: their own test results.) Searched 3rd-order coefficients:")
+    for seed, r in zip(args.seeds, results):
+        print(f"- seed {seed}: {r['searched']}")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def load_tensors(path: str) -> tuple[Tensor, Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"--tensors: cannot load {path} with weights_only=True ({type(exc).__name__})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--tensors: cannot load {path} with weights_only=True ({reason})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"--tensors: {path} must hold a dict with 'teacher_logits' and 'labels'")
     found = [next((obj[k] for k in keys if k in obj), None) for keys in (LOGIT_KEYS, LABEL_KEYS)]
@@ -104,6 +105,8 @@ def teacher_outputs(config_path: str, checkpoint: str | None, split: str,
 def run_search_command(args: argparse.Namespace) -> int:
     from kdcore_ptloss.search import search
 
+    if args.out and not Path(args.out).parent.is_dir():
+        raise ConfigError(f"--out: directory not found: {Path(args.out).parent}")
     if args.tensors is not None:
         if args.checkpoint is not None or args.set:
             raise ConfigError("--checkpoint and --set go with --config, not --tensors")

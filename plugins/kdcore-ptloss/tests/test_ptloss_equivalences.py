@@ -79,3 +79,19 @@ def test_maclaurin_series_of_log():
         errors.append((ptloss_rows(teacher, student, eps) - (p * teacher).sum(-1)).abs().max().item())
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-8
     assert not math.isnan(errors[0])
+
+
+def test_label_smoothing_table_through_the_loss():
+    """For one teacher row, eq. 27 is a C x M table: the registered ``ptloss``
+    with it trains like ``kd`` on the label-smoothed teacher (same gradient)."""
+    delta, c = 0.1, 5
+    teacher_logits = torch.tensor([[1.0, 0.5, -0.3, 0.2, -1.0]]).expand(6, -1)
+    student = torch.randn(6, c, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    p = torch.softmax(teacher_logits[0].double(), -1)
+    m = torch.arange(1, 401, dtype=torch.float64)
+    table = ((delta / m) * (1.0 / (c * p) - 1.0)[:, None]).tolist()
+    pt = kdcore.create("loss", "ptloss", eps=table)(student, teacher_logits)
+    (g_pt,) = torch.autograd.grad(pt, student)
+    ls = kdcore.create("loss", "kd", temperature=1.0, transforms=[{"name": "label_smoothing", "delta": delta}])
+    (g_ls,) = torch.autograd.grad(ls(student, teacher_logits), student)
+    torch.testing.assert_close(g_pt, g_ls, rtol=0, atol=1e-5)

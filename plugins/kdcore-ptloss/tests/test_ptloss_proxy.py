@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 import kdcore
@@ -168,3 +170,56 @@ def test_transform_registered():
     torch.testing.assert_close(transform(logp, None), proxy_teacher(logp, [1.0, 2.0]))
     with pytest.raises(kdcore.ConfigError, match="eps"):
         kdcore.create("transform", "ptloss_proxy", eps="big")
+
+
+finite32 = st.floats(-3e4, 3e4, allow_nan=False, width=32)
+
+
+@st.composite
+def extreme_teachers(draw):
+    n, c = draw(st.integers(1, 4)), draw(st.integers(2, 6))
+    values = st.one_of(finite32, st.sampled_from([0.0, 80.0, -80.0, 1e4, -1e4]))
+    logits = torch.tensor(draw(st.lists(values, min_size=n * c, max_size=n * c))).reshape(n, c)
+    pad = draw(st.lists(st.booleans(), min_size=c, max_size=c))
+    pad[draw(st.integers(0, c - 1))] = False  # at least one real class
+    logits[:, torch.tensor(pad)] = float("-inf")
+    m = draw(st.integers(1, 5))
+    coef = st.floats(-1.0, 10.0, allow_nan=False)
+    eps = ([draw(st.lists(coef, min_size=m, max_size=m)) for _ in range(c)] if draw(st.booleans())
+           else draw(st.lists(coef, min_size=m, max_size=m)))
+    return logits, eps
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(extreme_teachers())
+def test_proxy_finite_on_extreme_teachers(batch):
+    """Huge float32 logits, padded -inf columns, coefficients from the whole
+    search space [-1, 10] (shared or C x M): a normalised, finite proxy that
+    keeps the padded columns at -inf; every row converges unless a
+    first-order coefficient is at -1 (the degenerate edge, see the docs)."""
+    logits, eps = batch
+    out = proxy_teacher(logits, eps)
+    dead = torch.isneginf(logits)
+    assert out.dtype == torch.float32
+    assert torch.equal(torch.isneginf(out), dead) and torch.isfinite(out[~dead]).all()
+    torch.testing.assert_close(out.double().exp().sum(-1), torch.ones(len(out), dtype=torch.float64))
+    table = torch.tensor(eps, dtype=torch.float64)
+    table = table.expand(logits.shape[-1], -1) if table.dim() == 1 else table
+    _, info = solve(logits.double(), table)
+    assert info.converged.all() or table[:, 0].min() < -0.999
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_against_scipy_whole_search_space(seed):
+    """Coefficients drawn from the paper's space [-1, 10] (orders up to 5,
+    C x M tables), against a plain BFGS solve started from the teacher."""
+    rng = np.random.default_rng(10 + seed)
+    c, m = int(rng.integers(3, 8)), int(rng.integers(1, 6))
+    eps = rng.uniform(-1.0, 10.0, size=(c, m))
+    logits = rng.normal(size=(4, c)) * 3.0
+    got = proxy_teacher(torch.tensor(logits), torch.tensor(eps)).exp().numpy()
+    for row, z in enumerate(logits):
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        want = scipy_argmin(lambda v: l_pt(v, p, eps), c, np.log(p))
+        assert l_pt(np.log(got[row]), p, eps) <= l_pt(np.log(want), p, eps) + 1e-12
+        np.testing.assert_allclose(got[row], want, atol=1e-6)

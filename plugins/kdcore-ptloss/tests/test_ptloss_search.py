@@ -138,3 +138,52 @@ def test_command_with_config_and_checkpoint(tmp_path):
     assert main(args + ["--checkpoint", str(tmp_path / "teacher.pt")]) == 0
     saved = json.loads(out.read_text())
     assert saved["samples"] == 20 and len(saved["scores"]) == 2
+
+
+def scipy_proxy(z, eps):
+    """Proxy teacher of one row by a plain BFGS solve of argmin_q l_PT(p, q)
+    (eq. 7) over C - 1 free logits, from the teacher, in numpy float64."""
+    from scipy.optimize import minimize
+
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    m = np.arange(1, eps.shape[1] + 1)
+
+    def l_pt(v):
+        w = np.append(v, 0.0)
+        logq = w - w.max() - np.log(np.exp(w - w.max()).sum())
+        return np.sum(p * (np.log(p) - logq)) + np.sum(p * np.sum(eps * (1 - np.exp(logq))[:, None] ** m, 1))
+
+    start = np.log(p)
+    v = minimize(l_pt, start[:-1] - start[-1], method="BFGS", options={"gtol": 1e-11, "maxiter": 10000}).x
+    w = np.append(v, 0.0)
+    return np.exp(w - w.max()) / np.exp(w - w.max()).sum()
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_against_independent_algorithm_1(per_class):
+    """Every draw's eq. 11 score, and the winner, from proxies solved by scipy."""
+    logits, labels = data(4, n=10)
+    r = search(logits, labels, orders=2, draws=3, per_class=per_class, seed=7, progress=False)
+    z = logits.double().numpy()
+    want = []
+    for d in r.scores:
+        eps = np.array(d.eps if per_class else [d.eps] * 3, dtype=np.float64)
+        want.append(plain_score(np.stack([scipy_proxy(row, eps) for row in z]), labels.numpy()))
+    np.testing.assert_allclose([d.score for d in r.scores], want, rtol=1e-6)  # BFGS reaches ~1e-8
+    assert r.score == r.scores[int(np.argmin(want))].score
+
+
+def test_progress_bar(capsys):
+    logits, labels = data()
+    search(logits, labels, orders=1, draws=2, progress=True)
+    assert "ptloss-search" in capsys.readouterr().err
+    search(logits, labels, orders=1, draws=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_command_checks_output_before_searching(tmp_path, capsys):
+    logits, labels = data()
+    torch.save({"teacher_logits": logits, "labels": labels}, tmp_path / "val.pt")
+    code = main(["ptloss-search", "--tensors", str(tmp_path / "val.pt"), "--no-progress",
+                 "--out", str(tmp_path / "missing" / "eps.json")])
+    assert code == 2 and "--out" in capsys.readouterr().err
