@@ -460,3 +460,20 @@ def test_builtin_component_with_defaults(kind, name):
         check_dataset(obj)
     else:  # pragma: no cover - a new kind must get a convention check here
         pytest.fail(f"no call-convention check for kind {kind!r}")
+
+
+def test_warmup_is_dkds_epochwise_ramp():
+    from kdcore.schedule import Progress
+
+    s = kdcore.create("scheduler", "warmup")
+    assert s.epochs == 20
+    for epoch in range(1, 40):
+        for step_in_epoch in (0, 6):
+            assert s(Progress(epoch, (epoch - 1) * 7 + step_in_epoch, 40, 7)) == min(epoch / 20, 1.0)
+    assert kdcore.create("scheduler", "warmup", epochs=5)(Progress(1, 0, 10, 7)) == 0.2
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, "3"])
+def test_warmup_rejects_bad_epochs(bad):
+    with pytest.raises(kdcore.ConfigError, match="epochs"):
+        kdcore.create("scheduler", "warmup", epochs=bad)

@@ -29,6 +29,7 @@ def register_transforms(register):
 def register_schedulers(register):
     register("fixed", schedulers.Fixed)
     register("linear", schedulers.Linear)
+    register("warmup", schedulers.Warmup)
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Built-in time schedules: ``fixed`` and ``linear`` (multipliers of a term's weight)."""
+"""Built-in time schedules: ``fixed``, ``linear`` and ``warmup`` (multipliers of a term's weight)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ class Linear(TimeSchedule):
         span = (self.epochs or progress.epochs) * progress.steps_per_epoch
         frac = min(progress.step / max(span, 1), 1.0)
         return self.start + (self.end - self.start) * frac
+
+
+class Warmup(TimeSchedule):
+    """``warmup``: DKD's warm-up of a term's weight (Zhao et al. 2022, sec. 4;
+    tand.txt sec. 3), ``min(epoch / epochs, 1)`` with epochs counted from 1:
+    ``1 / epochs`` in the first epoch, full weight from epoch ``epochs`` on,
+    constant within an epoch (as in the DKD authors' code)."""
+
+    def __init__(self, epochs: int = 20):
+        self.epochs = params.positive_int("epochs", epochs)
+
+    def __call__(self, progress: Progress) -> float:
+        return min(progress.epoch / self.epochs, 1.0)

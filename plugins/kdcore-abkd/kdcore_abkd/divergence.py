@@ -37,7 +37,9 @@ where the limit is finite (``p_k = 0``: ``q^s / (a s)`` for ``a, s > 0``;
 ``q_k = 0``: ``p^s / (b s)`` for ``b, s > 0``); where it is infinite (an exponent
 ``<= 0``, e.g. KL with ``q_k = 0 < p_k``) the term is left out: the sum runs
 over the common support. Values and gradients are finite for every input when
-``alpha, beta >= 0``; with a negative exponent a term whose exact value exceeds
+``alpha, beta >= 0``, except that the value of ``(0, 0)``, ``sum (log p - log q)^2 / 2``,
+leaves the float32 range once ``|log p - log q|`` exceeds about ``2.6e19 / sqrt(C)`` (its
+gradients stay finite); with a negative exponent a term whose exact value exceeds
 the float range is ``inf``.
 """
 

@@ -14,10 +14,10 @@ import kdcore
 def ab_plain(p: torch.Tensor, q: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """D_AB of two float64 probability vectors, def. 4.1 (eq. 8 where a or b is 0)."""
     s = a + b
-    if a == 1 and b == 0:
-        return (p * (p.log() - q.log()) - p + q).sum()
-    if a == 0 and b == 1:
-        return (q * (q.log() - p.log()) - q + p).sum()
+    if b == 0:
+        return (p ** a * (a * p.log() - a * q.log()) - p ** a + q ** a).sum() / a ** 2
+    if a == 0:
+        return (q ** b * (b * q.log() - b * p.log()) - q ** b + p ** b).sum() / b ** 2
     return -(p ** a * q ** b - a / s * p ** s - b / s * q ** s).sum() / (a * b)
 
 
@@ -38,9 +38,14 @@ def abkd_reference(s, t, y, a, b, temperature):
 
 
 def abdkd_reference(s, t, y, alpha, beta, temperature, a, b):
-    """``T^2 (alpha KL(b^t || b^s) + beta D_AB(rho^t || rho^s))`` averaged over rows."""
-    total = 0.0
+    """``T^2 (alpha KL(b^t || b^s) + beta D_AB(rho^t || rho^s))`` averaged over kept rows."""
+    c = s.shape[-1]
+    s, t, y = s.reshape(-1, c), t.reshape(-1, c), y.reshape(-1)
+    total, count = 0.0, 0
     for i in range(s.shape[0]):
+        if y[i] == -100:
+            continue
+        count += 1
         p = torch.softmax(t[i].double() / temperature, -1)
         q = torch.softmax(s[i].double() / temperature, -1)
         k = int(y[i])
@@ -49,7 +54,7 @@ def abdkd_reference(s, t, y, alpha, beta, temperature, a, b):
         rest = [j for j in range(s.shape[1]) if j != k]
         nckd = ab_plain(p[rest] / p[rest].sum(), q[rest] / q[rest].sum(), a, b)
         total = total + temperature ** 2 * (alpha * tckd + beta * nckd)
-    return total / s.shape[0]
+    return total / count
 
 
 def logits(*shape, seed=0, scale=3.0):
@@ -131,6 +136,39 @@ def test_abdkd_matches_reference(alpha, beta, temperature, a, b):
     want.backward()
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature,a,b", [(4.0, 0.8, 0.3), (1.0, 0.2, 0.7), (2.0, 0.0, 0.5)])
+def test_abdkd_token_level_ignores_positions(temperature, a, b):
+    s, t = logits(2, 6, 30, seed=16, scale=4.0)
+    y = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(17))
+    y[0, 4:] = -100
+    y[1, 1] = -100
+    s[0, 5] = 1e4                   # an ignored position's values never reach the result
+    s32 = s.clone().requires_grad_()
+    loss = kdcore.create("loss", "abdkd", alpha=2.0, beta=4.0, temperature=temperature, ab_alpha=a, ab_beta=b)
+    got = loss(s32, t, y)
+    got.backward()
+    s64 = s.double().requires_grad_()
+    want = abdkd_reference(s64, t, y, 2.0, 4.0, temperature, a, b)
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+    keep = y != -100
+    assert (s32.grad[~keep] == 0).all()
+    torch.testing.assert_close(s32.grad[keep].double(), s64.grad[keep], rtol=1e-4, atol=1e-7)
+
+
+def test_abdkd_bf16_inputs():
+    s, t = logits(2, 5, 24, seed=18)
+    y = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(19))
+    y[0, 1] = -100
+    s16 = s.bfloat16().requires_grad_()
+    got = kdcore.create("loss", "abdkd")(s16, t.bfloat16(), y)
+    got.backward()
+    want = abdkd_reference(s.bfloat16(), t.bfloat16(), y, 1.0, 8.0, 4.0, 0.8, 0.3)
+    assert got.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+    assert torch.isfinite(s16.grad.float()).all() and (s16.grad[0, 1] == 0).all()
 
 
 def test_abdkd_with_kl_on_both_parts_is_dkd():

@@ -24,3 +24,20 @@ def test_registers_with_only_this_plugin_loaded():
     assert {("abkd", "abkd"), ("abdkd", "abkd")} <= listed["loss"]
     assert ("ab", "abkd") in listed["divergence"]
     assert not any(plugin not in ("abkd", "builtin") for comps in listed.values() for _, plugin in comps)
+
+
+def test_kdcore_list_with_only_this_plugin():
+    """``kdcore list loss`` / ``kdcore list divergence`` (plain text) with only kdcore
+    and kdcore-abkd enabled show ``abkd``, ``abdkd`` and ``ab``; no other plugin's names."""
+    env = dict(os.environ, KDCORE_PLUGINS="abkd")
+
+    def listed(kind):
+        out = subprocess.run([sys.executable, "-m", "kdcore", "list", kind], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        return set(out.split())
+
+    losses = listed("loss")
+    assert {"abkd", "abdkd"} <= losses and not {"dkd", "nkd", "tand"} & losses
+    assert "ab" in listed("divergence")
+    env["KDCORE_PLUGINS"] = ""
+    assert "abkd" not in listed("loss")

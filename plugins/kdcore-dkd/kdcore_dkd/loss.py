@@ -25,7 +25,7 @@ class DKD(LogitLoss):
     ``temperature=4``. ``divergence=`` replaces KL in both parts;
     ``tckd_divergence=`` / ``nckd_divergence=`` replace it in one part and take
     precedence over ``divergence=``. The paper's warm-up is the
-    ``dkd_warmup`` schedule, not part of the loss.
+    ``warmup`` schedule (built in), not part of the loss.
     """
 
     uses_target = True

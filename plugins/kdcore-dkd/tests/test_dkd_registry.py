@@ -1,4 +1,4 @@
-"""Registration of ``dkd`` / ``dkd_warmup`` and parameter validation."""
+"""Registration of ``dkd`` and parameter validation; the DKD recipe's warm-up."""
 
 import pytest
 import torch
@@ -13,9 +13,8 @@ def test_registered_by_this_plugin():
 
     reg = default_registry()
     assert reg.get("loss", "dkd").plugin == "dkd"
-    assert reg.get("scheduler", "dkd_warmup").plugin == "dkd"
     registered = {(c.kind, c.name) for p in reg.plugins if p.name == "dkd" for c in p.components}
-    assert registered == {("loss", "dkd"), ("scheduler", "dkd_warmup")}  # no generic "warmup"
+    assert registered == {("loss", "dkd")}
 
 
 def test_loads_alone():
@@ -46,23 +45,9 @@ def test_unknown_divergence_name():
         kdcore.create("loss", "dkd", divergence="rkll")
 
 
-def test_warmup_schedule():
-    warm = kdcore.create("scheduler", "dkd_warmup")
+def test_warmup_of_the_recipe_runs_with_kdcore_and_dkd_alone():
+    """The DKD recipe's warm-up is the core's ``warmup``: min(epoch / 20, 1)."""
+    reg = load_registry(env={"KDCORE_PLUGINS": "dkd"})
+    warm = reg.create("scheduler", "warmup")
     at = [warm(Progress(epoch=e, step=(e - 1) * 10 + 3, epochs=240, steps_per_epoch=10)) for e in (1, 2, 19, 20, 21, 240)]
     assert at == [1 / 20, 2 / 20, 19 / 20, 1.0, 1.0, 1.0]
-    short = kdcore.create("scheduler", "dkd_warmup", epochs=4)
-    assert short(Progress(epoch=2, step=0, epochs=10, steps_per_epoch=1)) == 0.5
-
-
-@pytest.mark.parametrize("epochs", [0, -3, 2.5, True])
-def test_warmup_bad_epochs(epochs):
-    with pytest.raises(kdcore.ConfigError, match="^epochs"):
-        kdcore.create("scheduler", "dkd_warmup", epochs=epochs)
-
-
-def test_forward_shape_errors():
-    loss = kdcore.create("loss", "dkd")
-    with pytest.raises(ValueError, match="targets"):
-        loss(torch.zeros(2, 3), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="teacher"):
-        loss(torch.zeros(2, 3), None, torch.zeros(2, dtype=torch.long))

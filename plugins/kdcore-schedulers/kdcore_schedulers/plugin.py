@@ -10,7 +10,6 @@ from kdcore_schedulers import gradient_schedulers, time_schedules
 def register_schedulers(register):
     register("cosine", time_schedules.Cosine)
     register("step", time_schedules.Step)
-    register("warmup", time_schedules.Warmup)
     register("switch", time_schedules.Switch)
     register("distill_decay", time_schedules.DistillDecay)
     register("crossbatch", gradient_schedulers.CrossBatch)

@@ -61,18 +61,6 @@ class Step(TimeSchedule):
         return self.start + (self.end - self.start) * k / len(self.milestones)
 
 
-class Warmup(TimeSchedule):
-    """``warmup``: DKD's linear warm-up (Zhao et al. 2022; tand.txt sec. 3),
-    ``min(epoch / epochs, 1)`` with epochs counted from 1 (so 1/E in the first
-    epoch, 1 from epoch E on)."""
-
-    def __init__(self, epochs: int = 20):
-        self.epochs = params.positive_int("epochs", epochs)
-
-    def __call__(self, progress: Progress) -> float:
-        return min(progress.epoch / self.epochs, 1.0)
-
-
 class Switch(TimeSchedule):
     """``switch``: ``before`` through epoch ``epoch``, ``after`` from epoch
     ``epoch + 1``. TAND's vision recipe (50 epochs of KD, then TAND) is

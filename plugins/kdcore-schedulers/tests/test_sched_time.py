@@ -20,9 +20,9 @@ def make(name, **kw):
 
 def test_registered_and_time_schedules():
     names = kdcore.available("scheduler")
-    for n in ["cosine", "step", "warmup", "switch", "distill_decay", "crossbatch", "mgda", "pcgrad"]:
+    for n in ["cosine", "step", "switch", "distill_decay", "crossbatch", "mgda", "pcgrad"]:
         assert n in names
-    for n, kw in [("cosine", {}), ("step", {}), ("warmup", {}), ("switch", {"epoch": 3}),
+    for n, kw in [("cosine", {}), ("step", {}), ("switch", {"epoch": 3}),
                   ("distill_decay", {"role": "kd"})]:
         s = make(n, **kw)
         assert isinstance(s, TimeSchedule) and callable(s)
@@ -49,14 +49,6 @@ def test_step_values():
         pytest.approx([1, 1, 0.75, 0.75, 0.5, 0.25, 0.25, 0.0, 0.0])
     one = make("step", start=0.2, end=3.0, milestones=[5])
     assert one(at(5, 9)) == 0.2 and one(at(6)) == 3.0
-
-
-def test_warmup_is_dkd():
-    s = make("warmup")
-    assert s.epochs == 20
-    for e in range(1, 40):
-        assert s(at(e, 7)) == min(e / 20, 1.0)
-    assert make("warmup", epochs=5)(at(1)) == pytest.approx(0.2)
 
 
 def test_switch_tand_recipe():
@@ -88,14 +80,12 @@ def test_distill_decay_roles():
     ("cosine", {"epochs": 0}, "epochs"),
     ("step", {"milestones": [20, 10]}, "milestones"),
     ("step", {"milestones": []}, "milestones"),
-    ("warmup", {"epochs": 2.5}, "epochs"),
     ("switch", {"epoch": 0}, "epoch"),
     ("switch", {"epoch": 5, "after": "x"}, "after"),
     ("distill_decay", {"role": "kl"}, "role"),
     ("distill_decay", {"role": "kd", "beta": 0.1}, "beta"),
     ("distill_decay", {"role": "kd", "midpoint": 0}, "midpoint"),
     ("distill_decay", {"role": "ce", "start": 1.5}, "start"),
-    ("warmup", {"epoch": 5}, "epoch"),
 ])
 def test_bad_parameters(name, kw, key):
     with pytest.raises(kdcore.ConfigError, match=key):
