@@ -29,15 +29,30 @@ class _KLRows(torch.autograd.Function):
     """``sum_k p_k (log p_k - log q_k)`` with its gradients written out:
     ``d/d log q = -p`` and ``d/d log p = p (log p - log q + 1)``, both 0 where
     ``p = 0``. One saved tensor and one multiplication in the backward pass,
-    where autograd would keep three and take three passes."""
+    where autograd would keep three and take three passes.
+
+    A term with ``p_k = 0`` is 0, but ``p_k * (log p_k - log q_k)`` is NaN there
+    when ``log q_k = -inf`` (or both are ``-inf``). On the CPU the sum is taken
+    unmasked and only rows that came out NaN are recomputed with the mask (a
+    row that is NaN from NaN inputs stays NaN); a mask over every element costs
+    more than the rest of the divergence. Elsewhere the mask is applied to
+    every element (no host synchronisation)."""
 
     @staticmethod
     def forward(ctx, p_logp: Tensor, q_logp: Tensor) -> Tensor:
         p = p_logp.exp()
         d = p_logp - q_logp
-        d.masked_fill_(p == 0, 0.0)  # -inf - -inf is NaN where p = 0: that term is 0
+        if ctx.needs_input_grad[0] or p.device.type != "cpu":
+            d.masked_fill_(p == 0, 0.0)
+            out = (p * d).sum(-1)
+        else:
+            out = (p * d).sum(-1)
+            bad = out.isnan()
+            if bad.any():
+                p_bad = p[bad]
+                out[bad] = (p_bad * d[bad].masked_fill_(p_bad == 0, 0.0)).sum(-1)
         ctx.save_for_backward(p, d if ctx.needs_input_grad[0] else None)
-        return (p * d).sum(-1)
+        return out
 
     @staticmethod
     @once_differentiable

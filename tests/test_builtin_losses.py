@@ -26,16 +26,6 @@ NEG_INF = float("-inf")
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0, 10.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP hand-off costs
-    (100x slower on a loaded 2-core machine); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------- references
 
 def ref_log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -552,3 +542,25 @@ def test_split_target_with_one_real_column_has_finite_grads():
     assert log_rho[1, 0] == 0  # the renormalised non-target distribution of row 1 is one-hot
     (log_b[:, 0].sum() + log_b[1, 1]).backward()
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_kl_rows_zero_probability_terms_and_nan_inputs(teacher_grad):
+    """Rows with p = 0 where log q = -inf are exact; NaN inputs stay NaN."""
+    from kdcore.functional import kl_rows
+    inf = float("inf")
+    p_logits = torch.tensor([[0.0, -inf, 1.0], [0.0, -200.0, 1.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    q_logits = torch.tensor([[1.0, -inf, 0.0], [1.0, -inf, 0.0], [0.0, 1.0, 2.0], [0.0, float("nan"), 2.0]])
+    p_logp = torch.log_softmax(p_logits, -1).requires_grad_(teacher_grad)
+    q_logp = torch.log_softmax(q_logits, -1).requires_grad_()
+    rows = kl_rows(p_logp, q_logp)
+    lp, lq = p_logp.detach(), q_logp.detach()
+    p = lp.exp()  # exp(-201) underflows to 0 in float32: a zero-probability term
+    expected = [sum(float(p[i, k].double() * (lp[i, k].double() - lq[i, k].double()))
+                    for k in range(3) if p[i, k] > 0) for i in range(2)]
+    torch.testing.assert_close(rows[:2].double(), torch.tensor(expected, dtype=torch.float64))
+    assert rows[2] == 0 and torch.isnan(rows[3])
+    rows[:3].sum().backward()
+    assert torch.isfinite(q_logp.grad[:3]).all()
+    if teacher_grad:
+        assert torch.isfinite(p_logp.grad[:3]).all()
