@@ -6,6 +6,7 @@ from kdcore import hookimpl
 from kdcore_vision import cifar, digits, imagefolder
 from kdcore_vision.torchvision_models import classification_models, torchvision_factory
 from kdcore_vision.zoo import CIFAR_MODELS
+from kdcore_vision.zoo_checkpoints import add_import_command
 
 
 @hookimpl
@@ -22,3 +23,8 @@ def register_datasets(register):
     register("cifar100", cifar.cifar100)
     register("imagefolder", imagefolder.imagefolder)
     register("digits", digits.digits)
+
+
+@hookimpl
+def register_commands(cli):
+    add_import_command(cli)

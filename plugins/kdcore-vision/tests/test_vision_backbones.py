@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kdcore
+from kdcore.plugins import default_registry
 from kdcore_vision import CIFAR_MODELS, Features, feature_shapes
 
 # Parameter counts for 100 classes of the reference zoo (CRD's RepDistiller / DKD's mdistiller);
@@ -37,6 +38,9 @@ SHAPES = {
     "shufflenetv1": ([(24, 32), (240, 16), (480, 8), (960, 4)], 960),
     "shufflenetv2": ([(24, 32), (116, 16), (232, 8), (464, 4)], 1024),
 }
+#: every non-torchvision backbone that the registry attributes to this plugin
+REGISTERED = sorted(n for n in kdcore.available("backbone")
+                    if default_registry().get("backbone", n).dist == "kdcore-vision" and not n.startswith("tv."))
 DOC = Path(__file__).resolve().parents[3] / "docs" / "methods" / "vision.md"
 
 
@@ -50,11 +54,10 @@ def one_thread():
 
 
 def test_registry_has_the_whole_zoo():
-    assert set(CIFAR_MODELS) == set(COUNTS) == set(SHAPES)
-    assert set(CIFAR_MODELS) <= set(kdcore.available("backbone"))
+    assert set(REGISTERED) == set(CIFAR_MODELS) == set(COUNTS) == set(SHAPES)
 
 
-@pytest.mark.parametrize("name", sorted(CIFAR_MODELS))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_parameter_count_and_feature_shapes_32px(name):
     with torch.device("meta"):  # shapes and counts only: no memory, no compute
         model = kdcore.create("backbone", name, num_classes=100)
@@ -67,7 +70,7 @@ def test_parameter_count_and_feature_shapes_32px(name):
     assert feats.pooled.shape == (2, pooled) and model.fc.in_features == pooled
 
 
-@pytest.mark.parametrize("name", sorted(CIFAR_MODELS))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_forward_backward_and_num_classes(name):
     torch.manual_seed(0)
     model = kdcore.create("backbone", name, num_classes=7)
@@ -114,3 +117,23 @@ def test_docs_table_lists_the_counts():
         pytest.skip("docs/methods/vision.md is not beside this checkout")
     rows = dict(re.findall(r"^\|\s*`([\w.]+)`\s*\|\s*([\d,]+)\s*\|", DOC.read_text(), flags=re.M))
     assert {k: int(v.replace(",", "")) for k, v in rows.items() if k in COUNTS} == COUNTS
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2"])
+def test_channels_last_and_bf16_autocast(name):
+    """The engine's speed options: NHWC weights/inputs and bf16 autocast give the same network."""
+    torch.manual_seed(0)
+    model = kdcore.create("backbone", name, num_classes=5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+    model.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_cl), reference, atol=1e-4, rtol=1e-4)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, feats = model(x_cl, return_features=True)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 5)
+    logits.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

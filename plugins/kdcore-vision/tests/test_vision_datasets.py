@@ -80,6 +80,28 @@ def test_cifar_loads_a_local_copy(tmp_path, name):
     assert views.shape == (20, 3, 32, 32) and (views != views[0]).any()  # random crop / flip
 
 
+def test_cifar_augmentation_is_pad4_random_crop_and_flip(tmp_path):
+    """Every training view is a 32x32 window of the image zero-padded by 4 (in pixel space,
+    i.e. -mean/std after normalisation), mirrored or not; all 81 offsets and both flips occur."""
+    write_cifar(tmp_path, "cifar100")
+    splits = kdcore.create("dataset", "cifar100", root=str(tmp_path))
+    plain = kdcore.create("dataset", "cifar100", root=str(tmp_path), augment=False).train[0][0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in cifar.LAYOUT["cifar100"][6:8])
+    padded = (-mean / std).expand(3, 40, 40).clone()
+    padded[:, 4:36, 4:36] = plain
+    keys = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)]
+    windows = torch.stack([padded[:, dy:dy + 32, dx:dx + 32].flip(-1) if flip else
+                           padded[:, dy:dy + 32, dx:dx + 32] for dy, dx, flip in keys])
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(600):
+        hits = ((windows - splits.train[0][0]).abs().flatten(1).amax(1) < 1e-6).nonzero().flatten()
+        assert len(hits) == 1
+        seen.add(keys[hits.item()])
+    assert {k[:2] for k in seen} == {(dy, dx) for dy in range(9) for dx in range(9)}
+    assert {k[2] for k in seen} == {False, True}
+
+
 def test_cifar_val_split_holds_out_training_images(tmp_path):
     write_cifar(tmp_path, "cifar100", n_train=40)
     splits = kdcore.create("dataset", "cifar100", root=str(tmp_path), val_split=0.25, seed=3)

@@ -12,14 +12,16 @@ import kdcore
 engine = pytest.importorskip("kdcore.engine")
 
 
-def test_digits_distillation_run(tmp_path):
+@pytest.mark.parametrize("speed", [{}, {"amp": "bf16", "channels_last": True}], ids=["fp32", "bf16_cl"])
+def test_digits_distillation_run(tmp_path, speed):
     teacher = kdcore.create("backbone", "resnet14", num_classes=10)
     torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pt")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         summary = engine.train({
-            "run": {"seed": 0, "epochs": 1, "batch_size": 128, "device": "cpu", "progress": "off"},
+            "run": {"seed": 0, "epochs": 1, "batch_size": 128, "device": "cpu", "progress": "off",
+                    **speed},
             "data": {"name": "digits", "image_size": 8, "split": [0.5, 0.25, 0.25]},
             "teacher": {"backbone": "resnet14", "checkpoint": str(tmp_path / "teacher.pt")},
             "student": {"backbone": "resnet8"},
