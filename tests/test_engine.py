@@ -154,3 +154,17 @@ def test_steps_where_every_weight_is_zero_leave_the_student_unchanged(tmp_path):
     summary = trainer.fit()
     assert summary["steps"] > 0
     assert all(torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())
+
+
+def test_compile_wraps_student_and_teacher(tmp_path, teacher_ckpt, monkeypatch):
+    compiled = []
+
+    def fake_compile(module):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    trainer = build_trainer(runs.student_config(teacher_ckpt, epochs=1, compile=True), tmp_path, quiet=True)
+    assert compiled == [trainer.student, trainer.teacher]
+    x, y = trainer.data.train.inputs[:8], trainer.data.train.targets[:8]
+    trainer.train_step(x, y)

@@ -93,6 +93,8 @@ class Trainer:
         if run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fastest convolution algorithms for fixed shapes
         torch.manual_seed(run.seed)
 
         self.objective = Objective.from_config(config, registry)  # cheap checks first
@@ -103,11 +105,13 @@ class Trainer:
             raise exc.with_path("data") from None
         self.student = build_model(config.student, "student", self.data, registry, config.source).to(self.device)
         self.teacher: nn.Module | None = None
+        self.teacher_forward: nn.Module | None = None  # the teacher, compiled with run.compile
         if config.teacher is not None:
             if config.teacher.checkpoint is None:
                 raise ConfigError("teacher.checkpoint: required (the teacher's trained weights)")
             self.teacher = build_model(config.teacher, "teacher", self.data, registry, config.source)
             self.teacher.to(self.device).eval().requires_grad_(False)
+            self.teacher_forward = self.teacher
         if run.channels_last:
             self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
@@ -122,6 +126,8 @@ class Trainer:
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if run.compile:
             self.model = torch.compile(self.model)
+            if self.teacher is not None:
+                self.teacher_forward = torch.compile(self.teacher)
         pin = self.device.type == "cuda"
         self.batches = Batches(self.data.train, batch_size=run.batch_size, device=self.device,
                                rank=self.dist.rank, world=self.dist.world, num_workers=run.num_workers,
@@ -179,7 +185,7 @@ class Trainer:
         if self.teacher is None or not needed:
             return None
         with torch.no_grad():
-            return self.teacher(x)
+            return self.teacher_forward(x)
 
     def progress(self) -> Progress:
         return Progress(max(self.epoch, 1), self.step, self.config.run.epochs, len(self.batches))
