@@ -84,26 +84,33 @@ def target_logp(logp: Tensor, target: Tensor) -> Tensor:
     return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-def split_target(logp: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Decompose a distribution around the target class (tand.txt sec. 2).
+def split_target(logits: Tensor, target: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Decompose ``softmax(logits / T)`` around the target class (tand.txt sec. 2).
 
+    ``logits`` may be logits or log-probabilities (rows are normalised here).
     Returns ``(log_b, log_rho)``: ``log_b = [log p_t, log(1 - p_t)]`` (shape
     ``[..., 2]``) and ``log_rho``, the non-target distribution renormalised over
-    classes ``!= t`` (``-inf`` at the target). ``log(1 - p_t)`` is the
-    log-sum-exp of the non-target log-probabilities, exact even where
-    ``1 - p_t`` underflows.
+    classes ``!= t`` (``-inf`` at the target). Both are computed from the
+    logits shifted by their own maxima, so ``log_rho`` keeps the gaps between
+    non-target classes even where ``p_t`` rounds to 1 (logits 1e8 apart), and
+    ``log(1 - p_t)`` is exact where ``1 - p_t`` underflows.
     """
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    x = x / temperature if temperature != 1.0 else x
     idx = target.unsqueeze(-1)
-    log_pt = logp.gather(-1, idx).squeeze(-1)
-    nontarget = logp.scatter(-1, idx, float("-inf"))
+    lse_all = torch.logsumexp(x, dim=-1)
+    log_pt = x.gather(-1, idx).squeeze(-1) - lse_all
+    nontarget = x.scatter(-1, idx, float("-inf"))
     # A row whose non-target columns are all -inf (one real column) has
-    # log(1 - p_t) = -inf; the logsumexp runs on clamped inputs there so that its
-    # gradient is 0 instead of NaN, and the -inf is put back by the where.
-    floor = torch.finfo(nontarget.dtype).min
-    lse = torch.logsumexp(nontarget.clamp(min=floor), dim=-1)
-    log_rest = torch.where(torch.isneginf(nontarget.amax(-1)), float("-inf"), lse)
-    finite_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
-    log_rho = nontarget - finite_rest.unsqueeze(-1)
+    # log(1 - p_t) = -inf and no non-target distribution: its shift is 0 and the
+    # logsumexp runs on clamped inputs, so that gradients are 0 instead of NaN;
+    # the -inf is put back by the where.
+    top = nontarget.amax(-1, keepdim=True)
+    no_rest = torch.isneginf(top)
+    shifted = nontarget - torch.where(no_rest, 0.0, top)
+    lse = torch.logsumexp(shifted.clamp(min=torch.finfo(shifted.dtype).min), dim=-1, keepdim=True)
+    log_rho = shifted - lse
+    log_rest = torch.where(no_rest, float("-inf"), top + lse).squeeze(-1) - lse_all
     return torch.stack([log_pt, log_rest], dim=-1), log_rho
 
 
@@ -125,12 +132,14 @@ def flatten_rows(student: Tensor, teacher: Tensor | None, target: Tensor | None
     return s, t, y
 
 
-def decoupled_terms(teacher_logp: Tensor, student_logp: Tensor, target: Tensor,
-                    tckd_divergence, nckd_divergence) -> tuple[Tensor, Tensor]:
-    """Per-row ``(TCKD, NCKD)`` of Decoupled KD (Zhao et al. 2022; tand.txt eq. 3-5):
-    ``TCKD = D_t(b^t || b^s)`` on the binary target-vs-rest distributions and
-    ``NCKD = D_n(rho^t || rho^s)`` on the renormalised non-target distributions.
-    With D = KL, ``KL(p || q) = TCKD + (1 - p_t) * NCKD`` (tand.txt thm 2.1)."""
-    t_b, t_rho = split_target(teacher_logp, target)
-    s_b, s_rho = split_target(student_logp, target)
+def decoupled_terms(teacher: Tensor, student: Tensor, target: Tensor,
+                    tckd_divergence, nckd_divergence, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-row ``(TCKD, NCKD)`` of Decoupled KD (Zhao et al. 2022; tand.txt eq. 3-5)
+    between ``softmax(teacher / T)`` and ``softmax(student / T)`` (logits or
+    log-probabilities): ``TCKD = D_t(b^t || b^s)`` on the binary target-vs-rest
+    distributions and ``NCKD = D_n(rho^t || rho^s)`` on the renormalised
+    non-target distributions. With D = KL, ``KL(p || q) = TCKD + (1 - p_t) * NCKD``
+    (tand.txt thm 2.1)."""
+    t_b, t_rho = split_target(teacher, target, temperature)
+    s_b, s_rho = split_target(student, target, temperature)
     return tckd_divergence(t_b, s_b), nckd_divergence(t_rho, s_rho)

@@ -10,6 +10,8 @@ tests need only its own mathematics (the reference implementation)::
 
 :func:`extreme_batches` is a hypothesis strategy (hypothesis is needed only
 for it) of float32 inputs that break naive implementations.
+:func:`value_and_grad` gives a loss's (or a reference's) value and student
+gradient, for comparing the two.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 from torch import Tensor
 
 from kdcore.functional import IGNORE_INDEX
+from kdcore.losses import LogitLoss
 
-__all__ = ["random_logits", "random_targets", "assert_finite_with_grads", "extreme_batches",
-           "check_logit_loss", "check_divergence"]
+__all__ = ["random_logits", "random_targets", "value_and_grad", "assert_finite_with_grads",
+           "extreme_batches", "check_logit_loss", "check_divergence"]
 
 
 def random_logits(*shape: int, seed: int = 0, scale: float = 3.0) -> Tensor:
@@ -36,6 +39,15 @@ def random_targets(*shape: int, classes: int, seed: int = 0, ignore_frac: float 
     g = torch.Generator().manual_seed(seed + 1)
     y = torch.randint(0, classes, shape, generator=g)
     return y.masked_fill(torch.rand(shape, generator=g) < ignore_frac, IGNORE_INDEX)
+
+
+def value_and_grad(fn, student: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """``fn(student, *args, **kwargs)`` and its gradient with respect to
+    ``student``, taken on a fresh leaf copy (``fn`` a loss or a reference)."""
+    x = student.detach().clone().requires_grad_(True)
+    value = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(value, x)
+    return value, grad
 
 
 def assert_finite_with_grads(loss, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
@@ -108,8 +120,11 @@ def check_logit_loss(loss, classes: int = 7, seed: int = 0) -> None:
       kept rows alone, and their gradients are exactly 0;
     - all positions ignored gives a finite value (0 for :class:`~kdcore.losses.LogitLoss`)
       and finite gradients;
-    - bfloat16 inputs give about the float32 value, as a float32 result;
-    - chunked evaluation (``chunk_size``, where the loss has it) changes nothing.
+    - bfloat16 inputs give about the float32 value, as a float32 result, and
+      about the float32 student gradient, as a bfloat16 gradient;
+    - chunked evaluation (``chunk_size``, where the loss has it) changes nothing:
+      value, student and teacher gradients (teacher with and without ``requires_grad``),
+      under a non-unit upstream gradient.
     """
     uses_teacher = getattr(loss, "uses_teacher", True)
     b, t = 3, 5
@@ -127,22 +142,37 @@ def check_logit_loss(loss, classes: int = 7, seed: int = 0) -> None:
     _close(token, _value(loss, *kept), "ignored positions must not change the value")
 
     none_kept = torch.full_like(y, IGNORE_INDEX)
-    assert_finite_with_grads(loss, zs, zt, none_kept)
+    nothing = assert_finite_with_grads(loss, zs, zt, none_kept)
+    if isinstance(loss, LogitLoss):
+        assert nothing.item() == 0.0, f"all positions ignored should give 0, got {nothing}"
 
-    bf = loss(zs.bfloat16(), None if zt is None else zt.bfloat16(), y)
+    s16, t16 = zs.bfloat16().requires_grad_(), None if zt is None else zt.bfloat16()
+    bf = loss(s16, t16, y)
     assert bf.dtype == torch.float32, f"bfloat16 inputs should give a float32 loss, got {bf.dtype}"
-    reference = _value(loss, zs.bfloat16().float(), None if zt is None else zt.bfloat16().float(), y)
+    (bf_grad,) = torch.autograd.grad(bf, s16)
+    assert bf_grad.dtype == torch.bfloat16, f"the student gradient should be bfloat16, got {bf_grad.dtype}"
+    reference, grad = value_and_grad(loss, s16.detach().float(), None if t16 is None else t16.float(), y)
     _close(bf, reference, "bfloat16 inputs are computed in float32", rtol=1e-3, atol=1e-4)
+    _close(bf_grad, grad, "bfloat16 inputs, student gradient", rtol=1e-2, atol=1e-3 * grad.abs().max().item())
 
     if hasattr(loss, "chunk_size"):
-        chunked = copy.deepcopy(loss)
-        chunked.chunk_size = 4
-        s1, s2 = zs.clone().requires_grad_(), zs.clone().requires_grad_()
-        v1, v2 = loss(s1, zt, y), chunked(s2, zt, y)
-        v1.backward()
-        v2.backward()
-        _close(v2, v1, "chunk_size=4 vs unchunked")
-        _close(s2.grad, s1.grad, "chunk_size=4 vs unchunked, student gradient")
+        plain, chunked = copy.deepcopy(loss), copy.deepcopy(loss)
+        plain.chunk_size, chunked.chunk_size = None, 4
+        for teacher_grad in (False, True):
+            grads = []
+            for fn in (plain, chunked):
+                s = zs.clone().requires_grad_()
+                t = None if zt is None else zt.clone().requires_grad_(teacher_grad)
+                value = fn(s, t, y)
+                (2.5 * value).backward()  # a non-unit upstream gradient reaches every chunk
+                grads.append((value, s.grad, None if t is None else t.grad))
+            (v1, gs1, gt1), (v2, gs2, gt2) = grads
+            _close(v2, v1, "chunk_size=4 vs unchunked")
+            _close(gs2, gs1, "chunk_size=4 vs unchunked, student gradient")
+            if teacher_grad and zt is not None:
+                assert (gt1 is None) == (gt2 is None), "chunking changes whether the teacher gets a gradient"
+                if gt1 is not None:
+                    _close(gt2, gt1, "chunk_size=4 vs unchunked, teacher gradient")
 
 
 def check_divergence(div, classes: int = 6, seed: int = 0) -> None:

@@ -18,18 +18,10 @@ import kdcore
 from kdcore.data import DataSplits, TensorSplit
 from kdcore.plugins import BUILTIN, default_registry
 from kdcore.schedule import Progress
+from kdcore.testing import random_logits, random_targets
+from kdcore.testing import random_logits, random_targets
 
 NEG_INF = float("-inf")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP hand-off costs
-    (100x slower on a loaded 2-core machine); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ref_log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -46,8 +38,7 @@ def logsumexp64(x: torch.Tensor) -> torch.Tensor:
 
 
 def random_logp(shape, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.log_softmax(scale * torch.randn(*shape, generator=g), dim=-1)
+    return torch.log_softmax(random_logits(*shape, seed=seed, scale=scale), dim=-1)
 
 
 def assert_config_error(key: str, kind: str, name: str, **params):
@@ -128,8 +119,7 @@ def test_divergence_rejects_parameters(name):
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 5.0])
 def test_temperature_transform(temperature):
-    g = torch.Generator().manual_seed(8)
-    z = 4 * torch.randn(6, 7, generator=g)
+    z = random_logits(6, 7, seed=8, scale=4.0)
     logp = torch.log_softmax(z, -1)
     out = kdcore.create("transform", "temperature", temperature=temperature)(logp, None)
     assert out.shape == logp.shape
@@ -390,11 +380,10 @@ def test_builtin_plugin_registers_every_kind():
 def check_loss(loss):
     assert isinstance(loss, nn.Module)
     assert isinstance(loss.uses_teacher, bool) and isinstance(loss.uses_target, bool)
-    g = torch.Generator().manual_seed(0)
     for shape in ((6, 5), (2, 3, 5)):
-        s = torch.randn(*shape, generator=g, requires_grad=True)
-        t = torch.randn(*shape, generator=g)
-        y = torch.randint(0, 5, shape[:-1], generator=g)
+        s = random_logits(*shape, seed=1).requires_grad_()
+        t = random_logits(*shape, seed=2)
+        y = random_targets(*shape[:-1], classes=5)
         y.view(-1)[0] = -100
         value = loss(s, t, y)
         assert value.shape == () and torch.isfinite(value)

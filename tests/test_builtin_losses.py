@@ -564,3 +564,32 @@ def test_kl_rows_zero_probability_terms_and_nan_inputs(teacher_grad):
     assert torch.isfinite(q_logp.grad[:3]).all()
     if teacher_grad:
         assert torch.isfinite(p_logp.grad[:3]).all()
+
+
+@pytest.mark.parametrize("gap", [1e4, 1e8, 1e30])
+def test_split_target_keeps_non_target_gaps_when_p_t_rounds_to_one(gap):
+    """log p would lose the non-target gaps in float32; split_target works from the logits."""
+    from kdcore.functional import split_target
+    z = torch.tensor([[gap, 1.0, 0.0], [2.0, 1.0, -gap]])
+    log_b, log_rho = split_target(z, torch.tensor([0, 2]), temperature=1.0)
+    e = math.e
+    torch.testing.assert_close(log_rho[0, 1:].exp(), torch.tensor([e / (e + 1), 1 / (e + 1)]))
+    torch.testing.assert_close(log_rho[1, :2].exp(), torch.tensor([e / (e + 1), 1 / (e + 1)]))
+    assert log_b[0, 0] == 0 and log_b[0, 1] < -gap / 2
+    assert log_b[1, 1] == 0 and log_b[1, 0] < -gap / 2
+
+
+def test_split_target_temperature_and_log_probabilities_agree_with_logits():
+    from kdcore.functional import split_target
+    z = 3 * torch.randn(5, 7, dtype=torch.float64)
+    y = torch.tensor([0, 3, 6, 2, 2])
+    a = split_target(z, y, temperature=2.5)
+    b = split_target(torch.log_softmax(z / 2.5, -1), y)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)
+    log_b, log_rho = a
+    p = torch.softmax(z / 2.5, -1)
+    pt = p.gather(-1, y[:, None]).squeeze(-1)
+    torch.testing.assert_close(log_b.exp(), torch.stack([pt, 1 - pt], -1))
+    rho = p.scatter(-1, y[:, None], 0.0) / (1 - pt)[:, None]
+    torch.testing.assert_close(log_rho.exp(), rho)

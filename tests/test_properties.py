@@ -10,27 +10,17 @@ with ignored (-100) positions, all positions ignored included.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kdcore
+from kdcore.testing import assert_finite_with_grads
 
 SETTINGS = settings(max_examples=50, deadline=None)
 NEG_INF = float("-inf")
 unit = st.floats(-1.0, 1.0, width=32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP hand-off costs
-    (100x slower on a loaded 2-core machine); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @st.composite
@@ -59,24 +49,12 @@ def logit_pairs(draw, token_level=True):
 temperatures = st.floats(0.5, 10.0)
 
 
-def assert_finite_value_and_grads(loss, student, teacher, target):
-    s = student.clone().requires_grad_(True)
-    t = teacher.clone().requires_grad_(loss.uses_teacher)
-    value = loss(s, t, target)
-    assert torch.isfinite(value), value
-    value.backward()
-    assert torch.isfinite(s.grad).all()
-    if loss.uses_teacher:
-        assert torch.isfinite(t.grad).all()
-    return value
-
-
 @SETTINGS
 @given(data=logit_pairs(), temperature=temperatures, chunk_size=st.sampled_from([None, 2]),
        transforms=st.sampled_from([None, ["temperature"], [{"name": "label_smoothing", "delta": 0.1}]]))
 def test_kd_is_finite(data, temperature, chunk_size, transforms):
     loss = kdcore.create("loss", "kd", temperature=temperature, chunk_size=chunk_size, transforms=transforms)
-    value = assert_finite_value_and_grads(loss, *data)
+    value = assert_finite_with_grads(loss, *data)
     assert value >= -1e-4 * temperature ** 2  # a KL, up to float32 rounding
 
 
@@ -85,7 +63,7 @@ def test_kd_is_finite(data, temperature, chunk_size, transforms):
        transforms=st.sampled_from([None, ["temperature"], [{"name": "label_smoothing", "delta": 0.1}]]))
 def test_rkd_is_finite(data, temperature, chunk_size, transforms):
     loss = kdcore.create("loss", "rkd", temperature=temperature, chunk_size=chunk_size, transforms=transforms)
-    value = assert_finite_value_and_grads(loss, *data)
+    value = assert_finite_with_grads(loss, *data)
     assert value >= -1e-4 * temperature ** 2
 
 
@@ -93,7 +71,7 @@ def test_rkd_is_finite(data, temperature, chunk_size, transforms):
 @given(data=logit_pairs(), label_smoothing=st.sampled_from([0.0, 0.1]), chunk_size=st.sampled_from([None, 2]))
 def test_ce_is_finite(data, label_smoothing, chunk_size):
     loss = kdcore.create("loss", "ce", label_smoothing=label_smoothing, chunk_size=chunk_size)
-    assert_finite_value_and_grads(loss, *data)
+    assert_finite_with_grads(loss, *data)
 
 
 @SETTINGS

@@ -62,8 +62,7 @@ class ABDKD(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
-        tckd, nckd = decoupled_terms(log_softmax_t(teacher, t), log_softmax_t(student, t), target,
-                                     kl_rows, self.nckd_divergence)
+        tckd, nckd = decoupled_terms(teacher, student, target, kl_rows, self.nckd_divergence, t)
         return t * t * (self.alpha * tckd + self.beta * nckd)
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import kdcore
+from kdcore.testing import check_divergence
 from kdcore_abkd import AlphaBetaDivergence
 
 
@@ -232,3 +233,9 @@ def test_near_singular_lines_random(line, x, eps, z):
     lp, lq = torch.log_softmax(torch.from_numpy(z[0]), -1), torch.log_softmax(torch.from_numpy(z[1]), -1)
     got = AlphaBetaDivergence(a, b)(lp, lq)
     torch.testing.assert_close(got.double(), mp_rows(lp, lq, a, b), rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("a,b", [(0.8, 0.3), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (0.5, -0.5), (1.5, -0.5), (3.0, 2.0)])
+def test_follows_the_divergence_conventions(a, b):
+    """kdcore.testing: per row on [N, C] and [B, T, C], D(p || p) = 0, >= 0, -inf columns."""
+    check_divergence(kdcore.create("divergence", "ab", alpha=a, beta=b))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kdcore
+from kdcore.testing import check_logit_loss, value_and_grad
 
 
 def ab_plain(p: torch.Tensor, q: torch.Tensor, a: float, b: float) -> torch.Tensor:
@@ -67,15 +68,11 @@ def logits(*shape, seed=0, scale=3.0):
 def test_abkd_matches_reference_with_gradients(a, b, temperature):
     s, t = logits(16, 10, seed=1)
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
-    s32 = s.clone().requires_grad_()
     loss = kdcore.create("loss", "abkd", alpha=a, beta=b, temperature=temperature)
-    got = loss(s32, t, y)
-    got.backward()
-    s64 = s.double().requires_grad_()
-    want = abkd_reference(s64, t, y, a, b, temperature)
-    want.backward()
+    got, grad = value_and_grad(loss, s, t, y)
+    want, want_grad = value_and_grad(abkd_reference, s.double(), t, y, a, b, temperature)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
-    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("a,b,temperature", [(0.2, 0.7, 1.0), (0.8, 0.3, 2.0)])
@@ -85,29 +82,13 @@ def test_abkd_token_level_ignores_positions(a, b, temperature):
     y[0, 3:] = -100
     y[2, 0] = -100
     s[0, 4] = 1e4                   # an ignored position's values never reach the result
-    s32 = s.clone().requires_grad_()
-    got = kdcore.create("loss", "abkd", alpha=a, beta=b, temperature=temperature)(s32, t, y)
-    got.backward()
-    s64 = s.double().requires_grad_()
-    want = abkd_reference(s64, t, y, a, b, temperature)
-    want.backward()
+    loss = kdcore.create("loss", "abkd", alpha=a, beta=b, temperature=temperature)
+    got, grad = value_and_grad(loss, s, t, y)
+    want, want_grad = value_and_grad(abkd_reference, s.double(), t, y, a, b, temperature)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
-    assert (s32.grad[0, 3:] == 0).all() and (s32.grad[2, 0] == 0).all()
+    assert (grad[0, 3:] == 0).all() and (grad[2, 0] == 0).all()
     keep = y != -100
-    torch.testing.assert_close(s32.grad[keep].double(), s64.grad[keep], rtol=1e-4, atol=1e-7)
-
-
-def test_abkd_bf16_inputs():
-    s, t = logits(2, 6, 40, seed=5)
-    y = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(6))
-    y[1, 2] = -100
-    s16 = s.bfloat16().requires_grad_()
-    got = kdcore.create("loss", "abkd")(s16, t.bfloat16(), y)
-    got.backward()
-    want = abkd_reference(s.bfloat16(), t.bfloat16(), y, 0.8, 0.3, 4.0)
-    assert got.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
-    assert torch.isfinite(s16.grad.float()).all()
+    torch.testing.assert_close(grad[keep].double(), want_grad[keep], rtol=1e-4, atol=1e-7)
 
 
 def test_kd_with_ab_divergence_is_abkd():
@@ -127,15 +108,11 @@ def test_kd_with_ab_divergence_is_abkd():
 def test_abdkd_matches_reference(alpha, beta, temperature, a, b):
     s, t = logits(10, 8, seed=8)
     y = torch.randint(0, 8, (10,), generator=torch.Generator().manual_seed(9))
-    s32 = s.clone().requires_grad_()
     loss = kdcore.create("loss", "abdkd", alpha=alpha, beta=beta, temperature=temperature, ab_alpha=a, ab_beta=b)
-    got = loss(s32, t, y)
-    got.backward()
-    s64 = s.double().requires_grad_()
-    want = abdkd_reference(s64, t, y, alpha, beta, temperature, a, b)
-    want.backward()
+    got, grad = value_and_grad(loss, s, t, y)
+    want, want_grad = value_and_grad(abdkd_reference, s.double(), t, y, alpha, beta, temperature, a, b)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
-    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("temperature,a,b", [(4.0, 0.8, 0.3), (1.0, 0.2, 0.7), (2.0, 0.0, 0.5)])
@@ -145,30 +122,13 @@ def test_abdkd_token_level_ignores_positions(temperature, a, b):
     y[0, 4:] = -100
     y[1, 1] = -100
     s[0, 5] = 1e4                   # an ignored position's values never reach the result
-    s32 = s.clone().requires_grad_()
     loss = kdcore.create("loss", "abdkd", alpha=2.0, beta=4.0, temperature=temperature, ab_alpha=a, ab_beta=b)
-    got = loss(s32, t, y)
-    got.backward()
-    s64 = s.double().requires_grad_()
-    want = abdkd_reference(s64, t, y, 2.0, 4.0, temperature, a, b)
-    want.backward()
+    got, grad = value_and_grad(loss, s, t, y)
+    want, want_grad = value_and_grad(abdkd_reference, s.double(), t, y, 2.0, 4.0, temperature, a, b)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
     keep = y != -100
-    assert (s32.grad[~keep] == 0).all()
-    torch.testing.assert_close(s32.grad[keep].double(), s64.grad[keep], rtol=1e-4, atol=1e-7)
-
-
-def test_abdkd_bf16_inputs():
-    s, t = logits(2, 5, 24, seed=18)
-    y = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(19))
-    y[0, 1] = -100
-    s16 = s.bfloat16().requires_grad_()
-    got = kdcore.create("loss", "abdkd")(s16, t.bfloat16(), y)
-    got.backward()
-    want = abdkd_reference(s.bfloat16(), t.bfloat16(), y, 1.0, 8.0, 4.0, 0.8, 0.3)
-    assert got.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
-    assert torch.isfinite(s16.grad.float()).all() and (s16.grad[0, 1] == 0).all()
+    assert (grad[~keep] == 0).all()
+    torch.testing.assert_close(grad[keep].double(), want_grad[keep], rtol=1e-4, atol=1e-7)
 
 
 def test_abdkd_with_kl_on_both_parts_is_dkd():
@@ -182,25 +142,6 @@ def test_abdkd_with_kl_on_both_parts_is_dkd():
                         nckd_divergence={"name": "ab", "alpha": 0.8, "beta": 0.3})
     abdkd = kdcore.create("loss", "abdkd")
     torch.testing.assert_close(abdkd(s, t, y), dkd(s, t, y), rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("name,kwargs", [("abkd", {}), ("abkd", {"alpha": 0.0, "beta": 0.0}),
-                                         ("abdkd", {}), ("kd", {"divergence": "ab"})])
-def test_chunked_equals_unchunked(name, kwargs):
-    s, t = logits(3, 7, 33, seed=12)
-    y = torch.randint(0, 33, (3, 7), generator=torch.Generator().manual_seed(13))
-    y[1, :4] = -100
-    results = []
-    for chunk_size in (None, 4):
-        s_g = s.clone().requires_grad_()
-        value = kdcore.create("loss", name, chunk_size=chunk_size, **kwargs)(s_g, t, y)
-        value.backward()
-        results.append((value, s_g.grad))
-    (v0, g0), (v1, g1) = results
-    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=0)
-    # the core's chunked path scales by 1/count after log_softmax's backward instead of
-    # before, which moves the rounding of its cancelling sum: equal to float32 rounding
-    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * g0.abs().max().item())
 
 
 def test_padded_vocabulary_columns():
@@ -231,3 +172,13 @@ def test_defaults_and_parameter_errors():
         kdcore.create("loss", "abkd", divergence="kl")
     with pytest.raises(ValueError, match="targets"):
         abdkd(torch.zeros(2, 3), torch.zeros(2, 3), None)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("abkd", {}), ("abkd", {"alpha": 0.0, "beta": 0.0}), ("abkd", {"alpha": 0.2, "beta": 0.7, "temperature": 1.0}),
+    ("abdkd", {}), ("abdkd", {"temperature": 1.0, "ab_alpha": 0.2, "ab_beta": 0.7}),
+    ("kd", {"divergence": "ab"}),
+])
+def test_follows_the_logit_loss_conventions(name, params):
+    """kdcore.testing: token level == flat, -100 positions, bf16 inputs, chunking."""
+    check_logit_loss(kdcore.create("loss", name, **params))

@@ -10,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import kdcore
+from kdcore.testing import assert_finite_with_grads
 
 SETTINGS = settings(max_examples=30, deadline=None)
 EXPONENTS = st.sampled_from([0.0, 1e-6, 0.1, 0.3, 0.5, 0.8, 1.0, 2.0])
@@ -34,11 +35,7 @@ def batches(draw, bound: float, confident: bool = True):
 
 
 def check_finite(loss, s, t, y):
-    s = s.clone().requires_grad_()
-    value = loss(s, t, y)
-    value.backward()
-    assert torch.isfinite(value), value
-    assert torch.isfinite(s.grad).all()
+    value = assert_finite_with_grads(loss, s, t, y)
     assert value >= -1e-5 * max(1.0, abs(value.item()))
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import log_softmax_t, split_target
+from kdcore.functional import split_target
 from kdcore.losses import LogitLoss, Spec
 
 from kdcore_dkd.decoupled import decoupled_rows, part_divergences
@@ -42,8 +42,8 @@ class DKD(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
-        parts_t = split_target(log_softmax_t(teacher, t), target)
-        parts_s = split_target(log_softmax_t(student, t), target)
+        parts_t = split_target(teacher, target, t)
+        parts_s = split_target(student, target, t)
         return t * t * decoupled_rows(parts_t, parts_s, self.tckd_divergence, self.nckd_divergence,
                                       self.alpha, self.beta)
 

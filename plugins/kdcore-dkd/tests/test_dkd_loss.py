@@ -1,5 +1,6 @@
 """dkd against an independent float64 reference (tand.txt eq. 3-5), the KL
-decomposition of thm 2.1, divergence plumbing, chunking and bf16 inputs."""
+decomposition of thm 2.1, divergence plumbing, and (kdcore.testing)
+the call conventions: token level, ignored positions, chunking, bf16 inputs."""
 
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import kdcore
+from kdcore.testing import check_logit_loss, random_logits, random_targets, value_and_grad
 
 IGNORE = -100
 
@@ -58,29 +60,7 @@ def reference_dkd(zs, zt, y, T, alpha, beta, tckd=kl_terms, nckd=kl_terms):
 
 
 def with_reference_grad(zs, zt, y, **kw):
-    zs64 = zs.detach().double().requires_grad_(True)
-    value = reference_dkd(zs64, zt.detach().double(), y, **kw)
-    (grad,) = torch.autograd.grad(value, zs64)
-    return value, grad
-
-
-def ours_with_grad(loss, zs, zt, y):
-    x = zs.detach().clone().requires_grad_(True)
-    value = loss(x, zt, y)
-    (grad,) = torch.autograd.grad(value, x)
-    return value, grad
-
-
-def logits(*shape, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(*shape, generator=g)
-
-
-def labels(*shape, classes, seed=0, ignore_frac=0.0):
-    g = torch.Generator().manual_seed(seed + 100)
-    y = torch.randint(0, classes, shape, generator=g)
-    drop = torch.rand(shape, generator=g) < ignore_frac
-    return y.masked_fill(drop, IGNORE)
+    return value_and_grad(reference_dkd, zs.double(), zt.detach().double(), y, **kw)
 
 
 def assert_close(a, b, rtol=2e-5, atol=2e-6):
@@ -90,10 +70,10 @@ def assert_close(a, b, rtol=2e-5, atol=2e-6):
 # ---------------------------------------------------------------- values and gradients
 @pytest.mark.parametrize("T,alpha,beta", [(4.0, 1.0, 8.0), (1.0, 1.0, 1.0), (2.0, 0.5, 3.0), (0.5, 2.0, 0.0)])
 def test_matches_reference_flat(T, alpha, beta):
-    zs, zt = logits(9, 7, seed=1), logits(9, 7, seed=2)
-    y = labels(9, classes=7)
+    zs, zt = random_logits(9, 7, seed=1), random_logits(9, 7, seed=2)
+    y = random_targets(9, classes=7)
     loss = kdcore.create("loss", "dkd", alpha=alpha, beta=beta, temperature=T)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=T, alpha=alpha, beta=beta)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
@@ -102,27 +82,20 @@ def test_matches_reference_flat(T, alpha, beta):
 def test_defaults_are_the_papers():
     loss = kdcore.create("loss", "dkd")
     assert (loss.alpha, loss.beta, loss.temperature) == (1.0, 8.0, 4.0)
-    zs, zt, y = logits(5, 6, seed=3), logits(5, 6, seed=4), labels(5, classes=6)
+    zs, zt, y = random_logits(5, 6, seed=3), random_logits(5, 6, seed=4), random_targets(5, classes=6)
     assert_close(loss(zs, zt, y), reference_dkd(zs.double(), zt.double(), y, T=4.0, alpha=1.0, beta=8.0))
 
 
 def test_matches_reference_tokens_with_ignored_positions():
-    zs, zt = logits(3, 5, 11, seed=5), logits(3, 5, 11, seed=6)
-    y = labels(3, 5, classes=11, ignore_frac=0.3)
+    zs, zt = random_logits(3, 5, 11, seed=5), random_logits(3, 5, 11, seed=6)
+    y = random_targets(3, 5, classes=11, ignore_frac=0.3)
     y[0, 0] = IGNORE
     loss = kdcore.create("loss", "dkd", alpha=1.5, beta=4.0, temperature=2.0)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=2.0, alpha=1.5, beta=4.0)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
     assert torch.all(grad[y == IGNORE] == 0)
-
-
-def test_all_ignored_gives_zero():
-    zs, zt = logits(4, 6, seed=7), logits(4, 6, seed=8)
-    y = torch.full((4,), IGNORE)
-    value, grad = ours_with_grad(kdcore.create("loss", "dkd"), zs, zt, y)
-    assert value.item() == 0.0 and torch.all(grad == 0)
 
 
 # ---------------------------------------------------------------- divergences
@@ -147,9 +120,9 @@ def sq_terms(p, q):
     ({"nckd_divergence": SquaredEuclidean(), "tckd_divergence": "rkl"}, rkl_terms, sq_terms),
 ])
 def test_divergence_parameters(params, tckd, nckd):
-    zs, zt, y = logits(6, 8, seed=9), logits(6, 8, seed=10), labels(6, classes=8)
+    zs, zt, y = random_logits(6, 8, seed=9), random_logits(6, 8, seed=10), random_targets(6, classes=8)
     loss = kdcore.create("loss", "dkd", alpha=1.0, beta=2.0, temperature=2.0, **params)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=2.0, alpha=1.0, beta=2.0, tckd=tckd, nckd=nckd)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
@@ -164,7 +137,7 @@ def p_target(zt, y, T):
 @pytest.mark.parametrize("T", [1.0, 3.0])
 def test_kl_decomposition_identity(T):
     """KL(p || q) = TCKD + (1 - p_t) NCKD, row by row (tand.txt thm 2.1)."""
-    zs, zt, y = logits(10, 9, seed=11), logits(10, 9, seed=12), labels(10, classes=9)
+    zs, zt, y = random_logits(10, 9, seed=11), random_logits(10, 9, seed=12), random_targets(10, classes=9)
     tckd = kdcore.create("loss", "dkd", alpha=1.0, beta=0.0, temperature=T).rows(zs, zt, y).double()
     nckd = kdcore.create("loss", "dkd", alpha=0.0, beta=1.0, temperature=T).rows(zs, zt, y).double()
     kl = kdcore.create("loss", "kd", temperature=T).rows(zs, zt, None).double()
@@ -174,53 +147,22 @@ def test_kl_decomposition_identity(T):
 def test_confident_teacher_nckd_is_exact():
     """1 - p_t underflows to 0 in float32 (and float64) yet rho^t is exact: NCKD
     matches the reference and the identity still holds."""
-    zs, zt, y = logits(6, 7, seed=13), logits(6, 7, seed=14), labels(6, classes=7)
+    zs, zt, y = random_logits(6, 7, seed=13), random_logits(6, 7, seed=14), random_targets(6, classes=7)
     zt = zt.clone()
     zt[torch.arange(6), y] = 200.0
     loss = kdcore.create("loss", "dkd", alpha=0.0, beta=1.0, temperature=1.0)
     assert torch.all(torch.softmax(zt, -1)[torch.arange(6), y] == 1.0)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=1.0, alpha=0.0, beta=1.0)
     assert ref_value > 0.1
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
 
 
-# ---------------------------------------------------------------- chunks, dtypes, transforms
-def test_chunked_equals_unchunked():
-    zs, zt = logits(4, 5, 13, seed=15), logits(4, 5, 13, seed=16)
-    y = labels(4, 5, classes=13, ignore_frac=0.25)
-    full = kdcore.create("loss", "dkd", temperature=3.0)
-    chunked = kdcore.create("loss", "dkd", temperature=3.0, chunk_size=3)
-    for zt_grad in (False, True):
-        a_s, a_t = zs.clone().requires_grad_(), zt.clone().requires_grad_(zt_grad)
-        b_s, b_t = zs.clone().requires_grad_(), zt.clone().requires_grad_(zt_grad)
-        va, vb = full(a_s, a_t, y), chunked(b_s, b_t, y)
-        (va * 2.5).backward()
-        (vb * 2.5).backward()
-        assert_close(va, vb, rtol=1e-6, atol=1e-6)
-        assert_close(a_s.grad, b_s.grad, rtol=1e-5, atol=1e-6)
-        if zt_grad:
-            assert_close(a_t.grad, b_t.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_bf16_inputs():
-    zs = logits(3, 4, 10, seed=17).bfloat16()
-    zt = logits(3, 4, 10, seed=18).bfloat16()
-    y = labels(3, 4, classes=10, ignore_frac=0.2)
-    x = zs.clone().requires_grad_()
-    value = kdcore.create("loss", "dkd")(x, zt, y)
-    value.backward()
-    assert value.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
-    assert torch.isfinite(x.grad.float()).all()
-    ref_value, ref_grad = with_reference_grad(zs.float(), zt.float(), y, T=4.0, alpha=1.0, beta=8.0)
-    assert_close(value, ref_value)
-    assert_close(x.grad.float(), ref_grad, rtol=1e-2, atol=1e-3)
-
-
+# ---------------------------------------------------------------- transforms, padded columns
 def test_teacher_transform_is_applied_before_the_temperature():
     """A teacher-only temperature transform of 2 equals teacher logits / 2."""
-    zs, zt, y = logits(5, 6, seed=19), logits(5, 6, seed=20), labels(5, classes=6)
+    zs, zt, y = random_logits(5, 6, seed=19), random_logits(5, 6, seed=20), random_targets(5, classes=6)
     loss = kdcore.create("loss", "dkd", temperature=2.0,
                          transforms=[{"name": "temperature", "temperature": 2.0}])
     assert_close(loss(zs, zt, y), reference_dkd(zs.double(), zt.double() / 2, y, T=2.0, alpha=1.0, beta=8.0))
@@ -228,10 +170,10 @@ def test_teacher_transform_is_applied_before_the_temperature():
 
 def test_padded_columns_match_reference():
     """-inf columns in both models (padded vocabulary) contribute nothing."""
-    zs, zt, y = logits(6, 9, seed=21), logits(6, 9, seed=22), labels(6, classes=6)
+    zs, zt, y = random_logits(6, 9, seed=21), random_logits(6, 9, seed=22), random_targets(6, classes=6)
     zs[:, 6:] = float("-inf")
     zt[:, 6:] = float("-inf")
-    value, grad = ours_with_grad(kdcore.create("loss", "dkd", temperature=2.0), zs, zt, y)
+    value, grad = value_and_grad(kdcore.create("loss", "dkd", temperature=2.0), zs, zt, y)
     ref_value, _ = with_reference_grad(zs[:, :6], zt[:, :6], y, T=2.0, alpha=1.0, beta=8.0)
     assert_close(value, ref_value)
     assert torch.isfinite(grad).all() and torch.all(grad[:, 6:] == 0)
@@ -240,3 +182,11 @@ def test_padded_columns_match_reference():
 def test_reference_softmax_is_sane():
     p = softmax_row(list(torch.tensor([0.0, math.log(3.0)], dtype=torch.float64)), 1.0)
     assert abs(float(p[0]) - 0.25) < 1e-12
+
+
+# ---------------------------------------------------------------- call conventions
+@pytest.mark.parametrize("params", [{}, {"temperature": 2.0, "alpha": 0.5, "beta": 3.0, "divergence": "rkl"},
+                                    {"temperature": 1.0, "nckd_divergence": SquaredEuclidean()}])
+def test_follows_the_logit_loss_conventions(params):
+    """kdcore.testing: token level == flat, -100 positions, bf16 inputs, chunking."""
+    check_logit_loss(kdcore.create("loss", "dkd", **params))

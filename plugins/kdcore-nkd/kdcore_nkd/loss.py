@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import log_softmax_t, split_target
+from kdcore.functional import split_target
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
 
 from kdcore_nkd.terms import nkd_rows
@@ -38,8 +38,8 @@ class NKD(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
-        split_t = split_target(log_softmax_t(teacher, t), target)
-        split_s = split_target(log_softmax_t(student, t), target)
+        split_t = split_target(teacher, target, t)
+        split_s = split_target(student, target, t)
         return nkd_rows(teacher, student, target, split_t, split_s, t, self.gamma, self.divergence)
 
     def extra_repr(self) -> str:

@@ -1,10 +1,12 @@
 """nkd against an independent float64 reference (tand.txt eq. 7 with the T^2
-convention of methods.md), its divergence option, chunking and bf16 inputs."""
+convention of methods.md), its divergence option, and (kdcore.testing)
+the call conventions: token level, ignored positions, chunking, bf16 inputs."""
 
 import pytest
 import torch
 
 import kdcore
+from kdcore.testing import check_logit_loss, random_logits, random_targets, value_and_grad
 from kdcore_nkd import normalized_nontarget_term, target_term
 
 IGNORE = -100
@@ -65,28 +67,7 @@ def teacher_entropy(zt, y, T):
 
 
 def with_reference_grad(zs, zt, y, **kw):
-    zs64 = zs.detach().double().requires_grad_(True)
-    value = reference_nkd(zs64, zt.detach().double(), y, **kw)
-    (grad,) = torch.autograd.grad(value, zs64)
-    return value, grad
-
-
-def ours_with_grad(loss, zs, zt, y):
-    x = zs.detach().clone().requires_grad_(True)
-    value = loss(x, zt, y)
-    (grad,) = torch.autograd.grad(value, x)
-    return value, grad
-
-
-def logits(*shape, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(*shape, generator=g)
-
-
-def labels(*shape, classes, seed=0, ignore_frac=0.0):
-    g = torch.Generator().manual_seed(seed + 100)
-    y = torch.randint(0, classes, shape, generator=g)
-    return y.masked_fill(torch.rand(shape, generator=g) < ignore_frac, IGNORE)
+    return value_and_grad(reference_nkd, zs.double(), zt.detach().double(), y, **kw)
 
 
 def assert_close(a, b, rtol=2e-5, atol=2e-6):
@@ -96,9 +77,9 @@ def assert_close(a, b, rtol=2e-5, atol=2e-6):
 # ---------------------------------------------------------------- values and gradients
 @pytest.mark.parametrize("T,gamma", [(1.0, 1.5), (2.0, 1.0), (4.0, 0.5), (0.5, 0.0), (1.0, 3.0)])
 def test_matches_reference_flat(T, gamma):
-    zs, zt, y = logits(9, 7, seed=1), logits(9, 7, seed=2), labels(9, classes=7)
+    zs, zt, y = random_logits(9, 7, seed=1), random_logits(9, 7, seed=2), random_targets(9, classes=7)
     loss = kdcore.create("loss", "nkd", gamma=gamma, temperature=T)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=T, gamma=gamma)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
@@ -110,11 +91,11 @@ def test_defaults():
 
 
 def test_matches_reference_tokens_with_ignored_positions():
-    zs, zt = logits(3, 5, 11, seed=5), logits(3, 5, 11, seed=6)
-    y = labels(3, 5, classes=11, ignore_frac=0.3)
+    zs, zt = random_logits(3, 5, 11, seed=5), random_logits(3, 5, 11, seed=6)
+    y = random_targets(3, 5, classes=11, ignore_frac=0.3)
     y[1, 2] = IGNORE
     loss = kdcore.create("loss", "nkd", gamma=1.5, temperature=2.0)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=2.0, gamma=1.5)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
@@ -123,7 +104,7 @@ def test_matches_reference_tokens_with_ignored_positions():
 
 def test_target_term_stays_at_temperature_one():
     """gamma = 0 leaves -p_t log q_t at T = 1 whatever the temperature."""
-    zs, zt, y = logits(6, 5, seed=7), logits(6, 5, seed=8), labels(6, classes=5)
+    zs, zt, y = random_logits(6, 5, seed=7), random_logits(6, 5, seed=8), random_targets(6, classes=5)
     a = kdcore.create("loss", "nkd", gamma=0.0, temperature=4.0)(zs, zt, y)
     b = kdcore.create("loss", "nkd", gamma=0.0, temperature=1.0)(zs, zt, y)
     p_t = torch.softmax(zt.double(), -1).gather(1, y[:, None])
@@ -135,10 +116,10 @@ def test_target_term_stays_at_temperature_one():
 # ---------------------------------------------------------------- divergence option
 def test_kl_divergence_same_gradients_value_minus_teacher_entropy():
     """CE(rho^t, rho^s) = KL(rho^t || rho^s) + H(rho^t): same student gradients."""
-    zs, zt, y = logits(8, 6, seed=9), logits(8, 6, seed=10), labels(8, classes=6)
+    zs, zt, y = random_logits(8, 6, seed=9), random_logits(8, 6, seed=10), random_targets(8, classes=6)
     T, gamma = 2.0, 1.5
-    v_ce, g_ce = ours_with_grad(kdcore.create("loss", "nkd", gamma=gamma, temperature=T), zs, zt, y)
-    v_kl, g_kl = ours_with_grad(kdcore.create("loss", "nkd", gamma=gamma, temperature=T, divergence="kl"),
+    v_ce, g_ce = value_and_grad(kdcore.create("loss", "nkd", gamma=gamma, temperature=T), zs, zt, y)
+    v_kl, g_kl = value_and_grad(kdcore.create("loss", "nkd", gamma=gamma, temperature=T, divergence="kl"),
                                 zs, zt, y)
     assert_close(g_ce, g_kl)
     assert_close(v_ce - v_kl, gamma * T * T * teacher_entropy(zt, y, T))
@@ -159,68 +140,40 @@ def hellinger_terms(p, q):
     ("rkl", rkl_terms), ({"name": "rkl"}, rkl_terms), ("kl", kl_terms), (Hellinger(), hellinger_terms),
 ])
 def test_divergence_replaces_the_nontarget_term(divergence, terms):
-    zs, zt, y = logits(7, 6, seed=11), logits(7, 6, seed=12), labels(7, classes=6)
+    zs, zt, y = random_logits(7, 6, seed=11), random_logits(7, 6, seed=12), random_targets(7, classes=6)
     loss = kdcore.create("loss", "nkd", gamma=2.0, temperature=3.0, divergence=divergence)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=3.0, gamma=2.0, nontarget=terms)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
 
 
-# ---------------------------------------------------------------- extremes, chunks, dtypes
+# ---------------------------------------------------------------- extremes, padded columns, transforms
 def test_confident_teacher_nontarget_is_exact():
     """p_t = 1 in float32 (1 - p_t underflows) but rho^t is exact."""
-    zs, zt, y = logits(6, 7, seed=13), logits(6, 7, seed=14), labels(6, classes=7)
+    zs, zt, y = random_logits(6, 7, seed=13), random_logits(6, 7, seed=14), random_targets(6, classes=7)
     zt[torch.arange(6), y] = 200.0
     loss = kdcore.create("loss", "nkd", gamma=1.0)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=1.0, gamma=1.0)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
 
 
 def test_padded_columns_match_reference():
-    zs, zt, y = logits(6, 9, seed=15), logits(6, 9, seed=16), labels(6, classes=6)
+    zs, zt, y = random_logits(6, 9, seed=15), random_logits(6, 9, seed=16), random_targets(6, classes=6)
     zs[:, 6:] = zt[:, 6:] = float("-inf")
-    value, grad = ours_with_grad(kdcore.create("loss", "nkd", temperature=2.0), zs, zt, y)
+    value, grad = value_and_grad(kdcore.create("loss", "nkd", temperature=2.0), zs, zt, y)
     ref_value, _ = with_reference_grad(zs[:, :6], zt[:, :6], y, T=2.0, gamma=1.5)
     assert_close(value, ref_value)
     assert torch.isfinite(grad).all() and torch.all(grad[:, 6:] == 0)
-
-
-@pytest.mark.parametrize("T", [1.0, 2.0])
-def test_chunked_equals_unchunked(T):
-    zs, zt = logits(4, 5, 13, seed=17), logits(4, 5, 13, seed=18)
-    y = labels(4, 5, classes=13, ignore_frac=0.25)
-    full = kdcore.create("loss", "nkd", temperature=T)
-    chunked = kdcore.create("loss", "nkd", temperature=T, chunk_size=3)
-    a_s, a_t = zs.clone().requires_grad_(), zt.clone().requires_grad_()
-    b_s, b_t = zs.clone().requires_grad_(), zt.clone().requires_grad_()
-    va, vb = full(a_s, a_t, y), chunked(b_s, b_t, y)
-    (3 * va).backward()
-    (3 * vb).backward()
-    assert_close(va, vb, rtol=1e-6, atol=1e-6)
-    assert_close(a_s.grad, b_s.grad, rtol=1e-5, atol=1e-6)
-    assert_close(a_t.grad, b_t.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_bf16_inputs():
-    zs, zt = logits(3, 4, 10, seed=19).bfloat16(), logits(3, 4, 10, seed=20).bfloat16()
-    y = labels(3, 4, classes=10, ignore_frac=0.2)
-    x = zs.clone().requires_grad_()
-    value = kdcore.create("loss", "nkd", temperature=2.0)(x, zt, y)
-    value.backward()
-    assert value.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
-    ref_value, ref_grad = with_reference_grad(zs.float(), zt.float(), y, T=2.0, gamma=1.5)
-    assert_close(value, ref_value)
-    assert_close(x.grad.float(), ref_grad, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("T", [1.0, 3.0])
 def test_teacher_transform_applies_to_both_terms(T):
     """A teacher-only temperature transform of 2 equals teacher logits / 2,
     in the target term (T = 1) and in the non-target term (T)."""
-    zs, zt, y = logits(5, 6, seed=21), logits(5, 6, seed=22), labels(5, classes=6)
+    zs, zt, y = random_logits(5, 6, seed=21), random_logits(5, 6, seed=22), random_targets(5, classes=6)
     loss = kdcore.create("loss", "nkd", temperature=T, transforms=[{"name": "temperature", "temperature": 2.0}])
     assert_close(loss(zs, zt, y), reference_nkd(zs.double(), zt.double() / 2, y, T=T, gamma=1.5))
 
@@ -236,7 +189,15 @@ def test_target_term_is_zero_and_safe_where_teacher_has_no_mass():
 
 
 def test_normalized_nontarget_term_default_is_cross_entropy():
-    a = torch.log_softmax(logits(4, 5, seed=23), -1)
-    b = torch.log_softmax(logits(4, 5, seed=24), -1)
+    a = torch.log_softmax(random_logits(4, 5, seed=23), -1)
+    b = torch.log_softmax(random_logits(4, 5, seed=24), -1)
     assert_close(normalized_nontarget_term(a, b), -(a.exp() * b).sum(-1))
     assert_close(normalized_nontarget_term(a, b, lambda p, q: (p - q).sum(-1)), (a - b).sum(-1))
+
+
+# ---------------------------------------------------------------- call conventions
+@pytest.mark.parametrize("params", [{}, {"temperature": 2.0, "gamma": 0.5},
+                                    {"temperature": 3.0, "divergence": "rkl"}])
+def test_follows_the_logit_loss_conventions(params):
+    """kdcore.testing: token level == flat, -100 positions, bf16 inputs, chunking."""
+    check_logit_loss(kdcore.create("loss", "nkd", **params))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import log_softmax_t, split_target
+from kdcore.functional import split_target
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
 from kdcore_dkd import decoupled_rows, part_divergences
 from kdcore_nkd import nkd_rows
@@ -51,8 +51,8 @@ class TAND(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
-        split_t = split_target(log_softmax_t(teacher, t), target)
-        split_s = split_target(log_softmax_t(student, t), target)
+        split_t = split_target(teacher, target, t)
+        split_s = split_target(student, target, t)
         nkd = nkd_rows(teacher, student, target, split_t, split_s, t, self.gamma, self.nkd_divergence)
         tad = decoupled_rows(split_t, split_s, self.tckd_divergence, self.nckd_divergence,
                              self.alpha, self.beta)

@@ -1,11 +1,13 @@
 """tand against an independent float64 reference (tand.txt eq. 7-9 with the
 T^2 convention of methods.md), its composition from nkd and dkd, the
-divergence options, chunking and bf16 inputs."""
+divergence options, and (kdcore.testing)
+the call conventions: token level, ignored positions, chunking, bf16 inputs."""
 
 import pytest
 import torch
 
 import kdcore
+from kdcore.testing import check_logit_loss, random_logits, random_targets, value_and_grad
 
 IGNORE = -100
 F64 = torch.float64
@@ -61,28 +63,7 @@ def reference_tand(zs, zt, y, T, alpha, beta, gamma, tckd=kl_terms, nckd=kl_term
 
 
 def with_reference_grad(zs, zt, y, **kw):
-    zs64 = zs.detach().double().requires_grad_(True)
-    value = reference_tand(zs64, zt.detach().double(), y, **kw)
-    (grad,) = torch.autograd.grad(value, zs64)
-    return value, grad
-
-
-def ours_with_grad(loss, zs, zt, y):
-    x = zs.detach().clone().requires_grad_(True)
-    value = loss(x, zt, y)
-    (grad,) = torch.autograd.grad(value, x)
-    return value, grad
-
-
-def logits(*shape, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(*shape, generator=g)
-
-
-def labels(*shape, classes, seed=0, ignore_frac=0.0):
-    g = torch.Generator().manual_seed(seed + 100)
-    y = torch.randint(0, classes, shape, generator=g)
-    return y.masked_fill(torch.rand(shape, generator=g) < ignore_frac, IGNORE)
+    return value_and_grad(reference_tand, zs.double(), zt.detach().double(), y, **kw)
 
 
 def assert_close(a, b, rtol=2e-5, atol=2e-6):
@@ -101,9 +82,9 @@ SETTINGS = [  # (alpha, beta, gamma, T)
 # ---------------------------------------------------------------- values and gradients
 @pytest.mark.parametrize("alpha,beta,gamma,T", SETTINGS)
 def test_matches_reference_flat(alpha, beta, gamma, T):
-    zs, zt, y = logits(9, 7, seed=1), logits(9, 7, seed=2), labels(9, classes=7)
+    zs, zt, y = random_logits(9, 7, seed=1), random_logits(9, 7, seed=2), random_targets(9, classes=7)
     loss = kdcore.create("loss", "tand", alpha=alpha, beta=beta, gamma=gamma, temperature=T)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=T, alpha=alpha, beta=beta, gamma=gamma)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
@@ -112,17 +93,17 @@ def test_matches_reference_flat(alpha, beta, gamma, T):
 def test_defaults():
     loss = kdcore.create("loss", "tand")
     assert (loss.alpha, loss.beta, loss.gamma, loss.temperature) == (1.0, 2.0, 1.5, 1.0)
-    zs, zt, y = logits(5, 6, seed=3), logits(5, 6, seed=4), labels(5, classes=6)
+    zs, zt, y = random_logits(5, 6, seed=3), random_logits(5, 6, seed=4), random_targets(5, classes=6)
     assert_close(loss(zs, zt, y), reference_tand(zs.double(), zt.double(), y, T=1.0, alpha=1.0, beta=2.0,
                                                  gamma=1.5))
 
 
 def test_matches_reference_tokens_with_ignored_positions():
-    zs, zt = logits(3, 5, 11, seed=5), logits(3, 5, 11, seed=6)
-    y = labels(3, 5, classes=11, ignore_frac=0.3)
+    zs, zt = random_logits(3, 5, 11, seed=5), random_logits(3, 5, 11, seed=6)
+    y = random_targets(3, 5, classes=11, ignore_frac=0.3)
     y[2, 4] = IGNORE
     loss = kdcore.create("loss", "tand", temperature=2.0)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=2.0, alpha=1.0, beta=2.0, gamma=1.5)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
@@ -132,8 +113,8 @@ def test_matches_reference_tokens_with_ignored_positions():
 @pytest.mark.parametrize("alpha,beta,gamma,T", SETTINGS[:4])
 def test_is_nkd_plus_dkd(alpha, beta, gamma, T):
     """eq. 9: L_TAND = L_NKD + L_TAD, TAD being DKD's form."""
-    zs, zt = logits(2, 4, 9, seed=7), logits(2, 4, 9, seed=8)
-    y = labels(2, 4, classes=9, ignore_frac=0.2)
+    zs, zt = random_logits(2, 4, 9, seed=7), random_logits(2, 4, 9, seed=8)
+    y = random_targets(2, 4, classes=9, ignore_frac=0.2)
     tand = kdcore.create("loss", "tand", alpha=alpha, beta=beta, gamma=gamma, temperature=T)
     nkd = kdcore.create("loss", "nkd", gamma=gamma, temperature=T)
     dkd = kdcore.create("loss", "dkd", alpha=alpha, beta=beta, temperature=T)
@@ -143,9 +124,9 @@ def test_is_nkd_plus_dkd(alpha, beta, gamma, T):
 def test_gamma_and_beta_act_on_the_same_nontarget_shape():
     """With KL, NKD's non-target CE is NCKD plus the teacher-only H(rho^t): the
     student gradients depend on beta + gamma only."""
-    zs, zt, y = logits(8, 6, seed=9), logits(8, 6, seed=10), labels(8, classes=6)
-    _, g1 = ours_with_grad(kdcore.create("loss", "tand", beta=2.0, gamma=1.5, temperature=2.0), zs, zt, y)
-    _, g2 = ours_with_grad(kdcore.create("loss", "tand", beta=3.5, gamma=0.0, temperature=2.0), zs, zt, y)
+    zs, zt, y = random_logits(8, 6, seed=9), random_logits(8, 6, seed=10), random_targets(8, classes=6)
+    _, g1 = value_and_grad(kdcore.create("loss", "tand", beta=2.0, gamma=1.5, temperature=2.0), zs, zt, y)
+    _, g2 = value_and_grad(kdcore.create("loss", "tand", beta=3.5, gamma=0.0, temperature=2.0), zs, zt, y)
     assert_close(g1, g2)
 
 
@@ -177,9 +158,9 @@ RKL3 = {"tckd": rkl_terms, "nckd": rkl_terms, "nkd": rkl_terms}
      {"nckd": rkl_terms, "nkd": jeffreys_terms}),
 ])
 def test_divergence_parameters(params, terms):
-    zs, zt, y = logits(6, 8, seed=11), logits(6, 8, seed=12), labels(6, classes=8)
+    zs, zt, y = random_logits(6, 8, seed=11), random_logits(6, 8, seed=12), random_targets(6, classes=8)
     loss = kdcore.create("loss", "tand", temperature=2.0, **params)
-    value, grad = ours_with_grad(loss, zs, zt, y)
+    value, grad = value_and_grad(loss, zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=2.0, alpha=1.0, beta=2.0, gamma=1.5, **terms)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
@@ -193,17 +174,17 @@ requires_ab = pytest.mark.skipif("ab" not in kdcore.available("divergence"),
 @pytest.mark.parametrize("ab,same_as", [((1.0, 0.0), "kl"), ((0.0, 1.0), "rkl")])
 def test_ab_divergence_limits(ab, same_as):
     """AB(1, 0) = KL and AB(0, 1) = reverse KL (abkd.txt), in all three parts."""
-    zs, zt, y = logits(6, 8, seed=13), logits(6, 8, seed=14), labels(6, classes=8)
+    zs, zt, y = random_logits(6, 8, seed=13), random_logits(6, 8, seed=14), random_targets(6, classes=8)
     spec = {"name": "ab", "alpha": ab[0], "beta": ab[1]}
-    v_ab, g_ab = ours_with_grad(kdcore.create("loss", "tand", temperature=2.0, divergence=spec), zs, zt, y)
-    v, g = ours_with_grad(kdcore.create("loss", "tand", temperature=2.0, divergence=same_as), zs, zt, y)
+    v_ab, g_ab = value_and_grad(kdcore.create("loss", "tand", temperature=2.0, divergence=spec), zs, zt, y)
+    v, g = value_and_grad(kdcore.create("loss", "tand", temperature=2.0, divergence=same_as), zs, zt, y)
     assert_close(v_ab, v, rtol=1e-4, atol=1e-5)
     assert_close(g_ab, g, rtol=1e-4, atol=1e-5)
 
 
 @requires_ab
 def test_ab_divergence_finite_on_extremes():
-    zs, zt, y = logits(4, 9, seed=15, scale=1e4), logits(4, 9, seed=16), labels(4, classes=7)
+    zs, zt, y = random_logits(4, 9, seed=15, scale=1e4), random_logits(4, 9, seed=16), random_targets(4, classes=7)
     zs[:, 7:] = zt[:, 7:] = float("-inf")
     x = zs.clone().requires_grad_()
     value = kdcore.create("loss", "tand", divergence={"name": "ab", "alpha": 0.8, "beta": 0.3})(x, zt, y)
@@ -211,56 +192,36 @@ def test_ab_divergence_finite_on_extremes():
     assert torch.isfinite(value) and torch.isfinite(x.grad).all()
 
 
-# ---------------------------------------------------------------- extremes, chunks, dtypes
+# ---------------------------------------------------------------- extremes, padded columns, transforms
 def test_confident_teacher_is_exact():
-    zs, zt, y = logits(6, 7, seed=17), logits(6, 7, seed=18), labels(6, classes=7)
+    zs, zt, y = random_logits(6, 7, seed=17), random_logits(6, 7, seed=18), random_targets(6, classes=7)
     zt[torch.arange(6), y] = 200.0
-    value, grad = ours_with_grad(kdcore.create("loss", "tand"), zs, zt, y)
+    value, grad = value_and_grad(kdcore.create("loss", "tand"), zs, zt, y)
     ref_value, ref_grad = with_reference_grad(zs, zt, y, T=1.0, alpha=1.0, beta=2.0, gamma=1.5)
     assert_close(value, ref_value)
     assert_close(grad, ref_grad)
 
 
 def test_padded_columns_match_reference():
-    zs, zt, y = logits(6, 9, seed=19), logits(6, 9, seed=20), labels(6, classes=6)
+    zs, zt, y = random_logits(6, 9, seed=19), random_logits(6, 9, seed=20), random_targets(6, classes=6)
     zs[:, 6:] = zt[:, 6:] = float("-inf")
-    value, grad = ours_with_grad(kdcore.create("loss", "tand", temperature=2.0), zs, zt, y)
+    value, grad = value_and_grad(kdcore.create("loss", "tand", temperature=2.0), zs, zt, y)
     ref_value, _ = with_reference_grad(zs[:, :6], zt[:, :6], y, T=2.0, alpha=1.0, beta=2.0, gamma=1.5)
     assert_close(value, ref_value)
     assert torch.isfinite(grad).all() and torch.all(grad[:, 6:] == 0)
 
 
-@pytest.mark.parametrize("T", [1.0, 2.0])
-def test_chunked_equals_unchunked(T):
-    zs, zt = logits(4, 5, 13, seed=21), logits(4, 5, 13, seed=22)
-    y = labels(4, 5, classes=13, ignore_frac=0.25)
-    full = kdcore.create("loss", "tand", temperature=T)
-    chunked = kdcore.create("loss", "tand", temperature=T, chunk_size=3)
-    a_s, a_t = zs.clone().requires_grad_(), zt.clone().requires_grad_()
-    b_s, b_t = zs.clone().requires_grad_(), zt.clone().requires_grad_()
-    va, vb = full(a_s, a_t, y), chunked(b_s, b_t, y)
-    (0.5 * va).backward()
-    (0.5 * vb).backward()
-    assert_close(va, vb, rtol=1e-6, atol=1e-6)
-    assert_close(a_s.grad, b_s.grad, rtol=1e-5, atol=1e-6)
-    assert_close(a_t.grad, b_t.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_bf16_inputs():
-    zs, zt = logits(3, 4, 10, seed=23).bfloat16(), logits(3, 4, 10, seed=24).bfloat16()
-    y = labels(3, 4, classes=10, ignore_frac=0.2)
-    x = zs.clone().requires_grad_()
-    value = kdcore.create("loss", "tand", temperature=2.0)(x, zt, y)
-    value.backward()
-    assert value.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
-    ref_value, ref_grad = with_reference_grad(zs.float(), zt.float(), y, T=2.0, alpha=1.0, beta=2.0, gamma=1.5)
-    assert_close(value, ref_value)
-    assert_close(x.grad.float(), ref_grad, rtol=1e-2, atol=1e-3)
-
-
 def test_teacher_transform():
-    zs, zt, y = logits(5, 6, seed=25), logits(5, 6, seed=26), labels(5, classes=6)
+    zs, zt, y = random_logits(5, 6, seed=25), random_logits(5, 6, seed=26), random_targets(5, classes=6)
     loss = kdcore.create("loss", "tand", temperature=3.0,
                          transforms=[{"name": "temperature", "temperature": 2.0}])
     assert_close(loss(zs, zt, y), reference_tand(zs.double(), zt.double() / 2, y, T=3.0, alpha=1.0,
                                                  beta=2.0, gamma=1.5))
+
+
+# ---------------------------------------------------------------- call conventions
+@pytest.mark.parametrize("params", [{}, {"temperature": 2.0, "alpha": 2.0, "beta": 0.5, "gamma": 0.5},
+                                    {"temperature": 4.0, "divergence": "rkl", "nkd_divergence": Jeffreys()}])
+def test_follows_the_logit_loss_conventions(params):
+    """kdcore.testing: token level == flat, -100 positions, bf16 inputs, chunking."""
+    check_logit_loss(kdcore.create("loss", "tand", **params))
