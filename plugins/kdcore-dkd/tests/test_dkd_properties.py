@@ -2,6 +2,7 @@
 huge logits, -inf padded columns in both models, very confident teachers
 (1 - p_t underflowing), ignored rows, any divergence part."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
