@@ -25,32 +25,38 @@ def masked_where_zero(p: Tensor, x: Tensor) -> Tensor:
     return x.masked_fill(p == 0, 0.0)
 
 
+def _kl_terms_sum(p: Tensor, d: Tensor, mask_all: bool) -> Tensor:
+    """``sum_k p_k d_k`` per row with ``d = log p - log q``, a term being 0 where ``p_k = 0``.
+
+    ``p_k * d_k`` is NaN there when ``log q_k = -inf`` (or both are ``-inf``).
+    With ``mask_all`` (or off the CPU: no host synchronisation) ``d`` is zeroed
+    where ``p = 0`` in place; otherwise the sum is taken unmasked and only rows
+    that came out NaN are recomputed with the mask (a row that is NaN from NaN
+    inputs stays NaN): a mask over every element costs more on the CPU than
+    the rest of the divergence.
+    """
+    if mask_all or p.device.type != "cpu":
+        d.masked_fill_(p == 0, 0.0)
+        return (p * d).sum(-1)
+    out = (p * d).sum(-1)
+    bad = out.isnan()
+    if bad.any():
+        p_bad = p[bad]
+        out[bad] = (p_bad * d[bad].masked_fill_(p_bad == 0, 0.0)).sum(-1)
+    return out
+
+
 class _KLRows(torch.autograd.Function):
     """``sum_k p_k (log p_k - log q_k)`` with its gradients written out:
     ``d/d log q = -p`` and ``d/d log p = p (log p - log q + 1)``, both 0 where
     ``p = 0``. One saved tensor and one multiplication in the backward pass,
-    where autograd would keep three and take three passes.
-
-    A term with ``p_k = 0`` is 0, but ``p_k * (log p_k - log q_k)`` is NaN there
-    when ``log q_k = -inf`` (or both are ``-inf``). On the CPU the sum is taken
-    unmasked and only rows that came out NaN are recomputed with the mask (a
-    row that is NaN from NaN inputs stays NaN); a mask over every element costs
-    more than the rest of the divergence. Elsewhere the mask is applied to
-    every element (no host synchronisation)."""
+    where autograd would keep three and take three passes."""
 
     @staticmethod
     def forward(ctx, p_logp: Tensor, q_logp: Tensor) -> Tensor:
         p = p_logp.exp()
         d = p_logp - q_logp
-        if ctx.needs_input_grad[0] or p.device.type != "cpu":
-            d.masked_fill_(p == 0, 0.0)
-            out = (p * d).sum(-1)
-        else:
-            out = (p * d).sum(-1)
-            bad = out.isnan()
-            if bad.any():
-                p_bad = p[bad]
-                out[bad] = (p_bad * d[bad].masked_fill_(p_bad == 0, 0.0)).sum(-1)
+        out = _kl_terms_sum(p, d, mask_all=ctx.needs_input_grad[0])
         ctx.save_for_backward(p, d if ctx.needs_input_grad[0] else None)
         return out
 
@@ -62,6 +68,45 @@ class _KLRows(torch.autograd.Function):
         grad_p = p * (d + 1) * g if ctx.needs_input_grad[0] else None
         grad_q = p * -g if ctx.needs_input_grad[1] else None
         return grad_p, grad_q
+
+
+class _KDRows(torch.autograd.Function):
+    """Hinton KD per row, ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``, fused:
+    the softmaxes, the divergence and the gradients in one function, with
+    ``d/dz_s = T (q - p)`` and ``d/dz_t = T p (log p - log q - KL)`` written
+    out (zero-probability terms as in :func:`kl_rows`). The backward pass is
+    three in-place operations on saved tensors."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+        scaled = temperature != 1.0
+        logq = torch.log_softmax(student / temperature if scaled else student, -1)
+        logp = torch.log_softmax(teacher / temperature if scaled else teacher, -1)
+        p = logp.exp()
+        d = logp.sub_(logq)
+        kl = _kl_terms_sum(p, d, mask_all=ctx.needs_input_grad[1])
+        ctx.temperature = temperature
+        ctx.save_for_backward(p, logq if ctx.needs_input_grad[0] else None,
+                              d if ctx.needs_input_grad[1] else None,
+                              kl if ctx.needs_input_grad[1] else None)
+        return kl * (temperature * temperature)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        p, logq, d, kl = ctx.saved_tensors
+        g = grad.unsqueeze(-1) * ctx.temperature
+        grad_s = logq.exp().sub_(p).mul_(g) if ctx.needs_input_grad[0] else None
+        grad_t = (d - kl.unsqueeze(-1)).mul_(p).mul_(g) if ctx.needs_input_grad[1] else None
+        return grad_s, grad_t, None
+
+
+def kd_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))`` per row from
+    logits (Hinton et al. 2015), value and gradients fused; the same values as
+    ``T^2 * kl_rows(log_softmax_t(teacher, T), log_softmax_t(student, T))``.
+    Differentiable once (no double backward)."""
+    return _KDRows.apply(student, teacher, float(temperature))
 
 
 def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:

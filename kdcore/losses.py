@@ -152,7 +152,7 @@ class LogitLoss(nn.Module):
         if target is None:
             return self.rows(s, t, None).sum()
         keep = target != IGNORE_INDEX
-        values = self.rows(s, t, target.masked_fill(~keep, 0))
+        values = self.rows(s, t, torch.where(keep, target, 0))
         return torch.where(keep, values, 0.0).sum()
 
     def forward(self, student: Tensor, teacher: Tensor | None = None, target: Tensor | None = None) -> Tensor:

@@ -593,3 +593,28 @@ def test_split_target_temperature_and_log_probabilities_agree_with_logits():
     torch.testing.assert_close(log_b.exp(), torch.stack([pt, 1 - pt], -1))
     rho = p.scatter(-1, y[:, None], 0.0) / (1 - pt)[:, None]
     torch.testing.assert_close(log_rho.exp(), rho)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_gradients_of_both_models_match_float64_autograd(temperature):
+    """kd's fused gradients (student and teacher) against autograd on the plain formula."""
+    g = torch.Generator().manual_seed(5)
+    zs = 3 * torch.randn(6, 5, generator=g)
+    zt = 3 * torch.randn(6, 5, generator=g)
+    zs[:, 4] = zt[:, 4] = float("-inf")  # a padded column in both models
+    zt[0, 0] = 200.0  # teacher probabilities that underflow in float32
+
+    def reference(s, t):
+        logp = torch.log_softmax(t / temperature, -1)
+        logq = torch.log_softmax(s / temperature, -1)
+        p = logp.exp()
+        zero = p == 0  # those terms are 0; masking both logs keeps autograd free of NaN
+        terms = p * (logp.masked_fill(zero, 0.0) - logq.masked_fill(zero, 0.0))
+        return temperature ** 2 * terms.sum(-1).mean()
+
+    s64, t64 = (x.double().requires_grad_() for x in (zs, zt))
+    reference(s64, t64).backward()
+    s32, t32 = (x.clone().requires_grad_() for x in (zs, zt))
+    kdcore.create("loss", "kd", temperature=temperature)(s32, t32, None).backward()
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(t32.grad.double(), t64.grad, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import IGNORE_INDEX, kl_rows, log_softmax_t
+from kdcore.builtin.divergences import KL
+from kdcore.functional import IGNORE_INDEX, kd_rows, kl_rows, log_softmax_t
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
 
 
@@ -57,6 +58,8 @@ class KD(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor | None) -> Tensor:
         t = self.temperature
+        if type(self.divergence) is KL:
+            return kd_rows(student, teacher, t)  # fused forward and backward
         return t * t * self.divergence(log_softmax_t(teacher, t), log_softmax_t(student, t))
 
 
