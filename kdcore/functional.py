@@ -8,6 +8,7 @@ underflow) contributes 0 to a sum ``p * (...)`` and no NaN to the gradient.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -143,20 +144,20 @@ def split_target(logits: Tensor, target: Tensor, temperature: float = 1.0) -> tu
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     x = x / temperature if temperature != 1.0 else x
     idx = target.unsqueeze(-1)
-    lse_all = torch.logsumexp(x, dim=-1)
-    log_pt = x.gather(-1, idx).squeeze(-1) - lse_all
+    x_t = x.gather(-1, idx).squeeze(-1)
     nontarget = x.scatter(-1, idx, float("-inf"))
-    # A row whose non-target columns are all -inf (one real column) has
-    # log(1 - p_t) = -inf and no non-target distribution: its shift is 0 and the
-    # logsumexp runs on clamped inputs, so that gradients are 0 instead of NaN;
-    # the -inf is put back by the where.
     top = nontarget.amax(-1, keepdim=True)
-    no_rest = torch.isneginf(top)
+    no_rest = torch.isneginf(top)  # one real column: no non-target distribution, 1 - p_t = 0
     shifted = nontarget - torch.where(no_rest, 0.0, top)
-    lse = torch.logsumexp(shifted.clamp(min=torch.finfo(shifted.dtype).min), dim=-1, keepdim=True)
-    log_rho = shifted - lse
-    log_rest = torch.where(no_rest, float("-inf"), top + lse).squeeze(-1) - lse_all
-    return torch.stack([log_pt, log_rest], dim=-1), log_rho
+    # the non-target mass relative to its largest term, in [1, C); 0 (clamped, so
+    # that log and gradients stay finite) where there is none
+    mass = shifted.exp().sum(-1, keepdim=True)
+    log_mass = mass.clamp(min=torch.finfo(mass.dtype).tiny).log()
+    log_rho = shifted - log_mass
+    # log((1 - p_t) / p_t), from differences only (-inf where there is no rest)
+    delta = (top - x_t.unsqueeze(-1) + log_mass).squeeze(-1)
+    log_b = torch.stack([-F.softplus(delta), -F.softplus(-delta)], dim=-1)
+    return log_b, log_rho
 
 
 def flatten_rows(student: Tensor, teacher: Tensor | None, target: Tensor | None
