@@ -171,6 +171,8 @@ def flatten_rows(student: Tensor, teacher: Tensor | None, target: Tensor | None
     if target is not None and tuple(target.shape) != tuple(student.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits "
                          f"{tuple(student.shape)} (expected {tuple(student.shape[:-1])})")
+    if student.dim() == 2:
+        return student, teacher, target
     c = student.shape[-1]
     s = student.reshape(-1, c)
     t = None if teacher is None else teacher.reshape(-1, c)

@@ -167,7 +167,7 @@ class LogitLoss(nn.Module):
             total = _ChunkedRowSum.apply(self.kept_sum, self.chunk_size, s, t, y)
         if y is None:
             return total / s.shape[0]
-        return total / (y != IGNORE_INDEX).sum().clamp(min=1)
+        return total / (y != IGNORE_INDEX).sum(dtype=total.dtype).clamp_(min=1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:g}"
