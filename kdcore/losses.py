@@ -58,6 +58,11 @@ def resolve_transforms(specs: Sequence[Spec] | None, path: str = "transforms") -
     return [build("transform", s, f"{path}[{i}]") for i, s in enumerate(specs)]
 
 
+def upcast(x: Tensor) -> Tensor:
+    """float16 / bfloat16 to float32; other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class _ChunkedRowSum(torch.autograd.Function):
     """Sum of ``fn(rows)`` over row chunks, with the input gradients computed
     chunk by chunk during the forward pass, so that no chunk's intermediates
@@ -124,11 +129,12 @@ class LogitLoss(nn.Module):
         self.chunk_size = params.positive_int("chunk_size", chunk_size, optional=True)
 
     def rows(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
-        """Per-row loss ``[n]`` from float32 rows ``[n, C]``.
+        """Per-row loss ``[n]`` from float32 (or float64) rows ``[n, C]``.
 
         ``teacher`` is the teacher's logits, or, when transforms are set, the
         transformed teacher log-probabilities (equivalent logits). ``target``
-        has ignored rows replaced by class 0; their values are discarded.
+        has ignored rows replaced by class 0 (their values are discarded); it
+        is None for losses whose ``uses_target`` is False.
         """
         raise NotImplementedError
 
@@ -147,12 +153,12 @@ class LogitLoss(nn.Module):
         for the whole sum (``ce`` uses ``F.cross_entropy(..., ignore_index=-100,
         reduction="sum")``) may override this instead of :meth:`rows`.
         """
-        s = student.float()
-        t = None if teacher is None else self.teacher_side(teacher.float(), target)
+        s = upcast(student)
+        t = None if teacher is None else self.teacher_side(upcast(teacher), target)
         if target is None:
             return self.rows(s, t, None).sum()
         keep = target != IGNORE_INDEX
-        values = self.rows(s, t, torch.where(keep, target, 0))
+        values = self.rows(s, t, torch.where(keep, target, 0) if self.uses_target else None)
         return torch.where(keep, values, 0.0).sum()
 
     def forward(self, student: Tensor, teacher: Tensor | None = None, target: Tensor | None = None) -> Tensor:

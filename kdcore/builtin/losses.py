@@ -11,7 +11,7 @@ from torch import Tensor
 from kdcore import params
 from kdcore.builtin.divergences import KL
 from kdcore.functional import IGNORE_INDEX, kd_rows, kl_rows, log_softmax_t
-from kdcore.losses import LogitLoss, Spec, resolve_divergence
+from kdcore.losses import LogitLoss, Spec, resolve_divergence, upcast
 
 
 class CrossEntropy(LogitLoss):
@@ -28,7 +28,7 @@ class CrossEntropy(LogitLoss):
     def kept_sum(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> Tensor:
         if self.label_smoothing:
             return super().kept_sum(student, teacher, target)
-        return F.cross_entropy(student.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(upcast(student), target, ignore_index=IGNORE_INDEX, reduction="sum")
 
     def rows(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> Tensor:
         if not self.label_smoothing:
