@@ -5,7 +5,8 @@ For each loss (built-in ``ce``, ``kd``, ``rkd``; plugins ``dkd``, ``nkd``,
 (student requires grad, teacher does not) of the registered loss and of a plain
 PyTorch implementation of the same formula written the way one usually writes
 it (DKD: the authors' mask-and-softmax form; NKD: boolean-mask gather), in the
-same run, interleaved, and prints the fastest times, the ratio kdcore / plain
+same run, interleaved (alternating which goes first; calls of small shapes are
+timed in back-to-back groups of at least 50 ms), and prints the fastest times, the ratio kdcore / plain
 of the fastest and of the median runs (target: <= 1.1; on a shared machine the
 fastest run is the steadier estimate), and the difference of the values.
 
@@ -73,13 +74,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_once(fn, s, t, y, device) -> float:
-    x = s.detach().requires_grad_(True)
+def time_once(fn, s, t, y, device, calls: int = 1) -> float:
+    """Seconds per forward + backward, averaged over ``calls`` back-to-back calls."""
+    xs = [s.detach().clone().requires_grad_(True) for _ in range(calls)]
     sync(device)
     start = time.perf_counter()
-    fn(x, t, y).backward()
+    for x in xs:
+        fn(x, t, y).backward()
     sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
 def main(argv=None) -> int:
@@ -110,12 +113,13 @@ def main(argv=None) -> int:
         for name in names:
             ours, plain = kdcore.create("loss", name), PLAIN[name]
             diff = (ours(s, t, y) - plain(s, t, y)).abs().item()
-            for fn in (ours, plain):  # warm-up
-                time_once(fn, s, t, y, device)
+            first = min(time_once(fn, s, t, y, device) for fn in (ours, plain))  # also the warm-up
+            calls = max(1, min(50, int(0.05 / first)))  # >= 50 ms per timing: steadier on small shapes
             a, b = [], []
-            for _ in range(args.reps):
-                a.append(time_once(ours, s, t, y, device))
-                b.append(time_once(plain, s, t, y, device))
+            for i in range(args.reps):  # interleaved, alternating which goes first
+                pair = [(a, ours), (b, plain)]
+                for times, fn in pair if i % 2 == 0 else pair[::-1]:
+                    times.append(time_once(fn, s, t, y, device, calls))
             fa, fb = min(a), min(b)
             med = statistics.median(a) / statistics.median(b)
             print(f"{name:6} {shape:>12} {fa * 1e3:10.2f} {fb * 1e3:10.2f} {fa / fb:6.2f} {med:7.2f} {diff:9.2e}",

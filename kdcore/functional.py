@@ -34,9 +34,9 @@ def _kl_terms_sum(p: Tensor, d: Tensor, mask_all: bool) -> Tensor:
     ``p_k * d_k`` is NaN there when ``log q_k = -inf`` (or both are ``-inf``).
     With ``mask_all`` (or off the CPU: no host synchronisation) ``d`` is zeroed
     where ``p = 0`` in place; otherwise the sum is taken unmasked and only rows
-    that came out NaN are recomputed with the mask (a row that is NaN from NaN
-    inputs stays NaN): a mask over every element costs more on the CPU than
-    the rest of the divergence.
+    that came out NaN are recomputed with the mask, written back into ``d``
+    (a row that is NaN from NaN inputs stays NaN): a mask over every element
+    costs more on the CPU than the rest of the divergence.
     """
     if mask_all or p.device.type != "cpu":
         d.masked_fill_(p == 0, 0.0)
@@ -45,7 +45,9 @@ def _kl_terms_sum(p: Tensor, d: Tensor, mask_all: bool) -> Tensor:
     if math.isnan(out.sum()):  # terms are >= 0 per row: the sum is NaN iff a row is
         bad = out.isnan()
         p_bad = p[bad]
-        out[bad] = (p_bad * d[bad].masked_fill_(p_bad == 0, 0.0)).sum(-1)
+        d_bad = d[bad].masked_fill_(p_bad == 0, 0.0)
+        d[bad] = d_bad  # masked for the gradients too
+        out[bad] = (p_bad * d_bad).sum(-1)
     return out
 
 
@@ -74,42 +76,51 @@ class _KLRows(torch.autograd.Function):
 
 
 class _KDRows(torch.autograd.Function):
-    """Hinton KD per row, ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``, fused:
-    the softmaxes, the divergence and the gradients in one function, with
-    ``d/dz_s = T (q - p)`` and ``d/dz_t = T p (log p - log q - KL)`` written
-    out (zero-probability terms as in :func:`kl_rows`). The backward pass is
-    three in-place operations on saved tensors."""
+    """Hinton KD per row from logits, fused: ``T^2 KL(p || q)`` with
+    ``p = softmax(z_t / T)``, ``q = softmax(z_s / T)``, or ``T^2 KL(q || p)``
+    with ``reverse``. The softmaxes, the divergence and the gradients are in one
+    function, with the gradients written out (zero-probability terms as in
+    :func:`kl_rows`):
+
+    - forward KL: ``d/dz_s = T (q - p)``, ``d/dz_t = T p (log p - log q - KL)``;
+    - reverse KL: ``d/dz_s = T q (log q - log p - KL)``, ``d/dz_t = T (p - q)``.
+    """
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float, reverse: bool) -> Tensor:
         scaled = temperature != 1.0
         logq = torch.log_softmax(student / temperature if scaled else student, -1)
         logp = torch.log_softmax(teacher / temperature if scaled else teacher, -1)
-        p = logp.exp()
-        d = logp.sub_(logq)
-        kl = _kl_terms_sum(p, d, mask_all=ctx.needs_input_grad[1])
-        ctx.temperature = temperature
-        ctx.save_for_backward(p, logq if ctx.needs_input_grad[0] else None,
-                              d if ctx.needs_input_grad[1] else None,
-                              kl if ctx.needs_input_grad[1] else None)
+        # the "from" distribution of the divergence and its log-ratio to the other one
+        a_log, b_log = (logq, logp) if reverse else (logp, logq)
+        needs_d = ctx.needs_input_grad[0] if reverse else ctx.needs_input_grad[1]
+        a = a_log.exp()
+        d = a_log.sub_(b_log)
+        kl = _kl_terms_sum(a, d, mask_all=False)
+        ctx.temperature, ctx.reverse = temperature, reverse
+        ctx.save_for_backward(a, b_log, d if needs_d else None, kl if needs_d else None)
         return kl * (temperature * temperature)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        p, logq, d, kl = ctx.saved_tensors
+        a, b_log, d, kl = ctx.saved_tensors
         g = grad.unsqueeze(-1) * ctx.temperature
-        grad_s = logq.exp().sub_(p).mul_(g) if ctx.needs_input_grad[0] else None
-        grad_t = (d - kl.unsqueeze(-1)).mul_(p).mul_(g) if ctx.needs_input_grad[1] else None
-        return grad_s, grad_t, None
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_a, need_b = (need_s, need_t) if ctx.reverse else (need_t, need_s)
+        grad_a = (d - kl.unsqueeze(-1)).mul_(a).mul_(g) if need_a else None  # the "from" side
+        grad_b = b_log.exp().sub_(a).mul_(g) if need_b else None             # the other side
+        grad_s, grad_t = (grad_a, grad_b) if ctx.reverse else (grad_b, grad_a)
+        return grad_s, grad_t, None, None
 
 
-def kd_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+def kd_rows(student: Tensor, teacher: Tensor, temperature: float, reverse: bool = False) -> Tensor:
     """``T^2 KL(softmax(teacher / T) || softmax(student / T))`` per row from
     logits (Hinton et al. 2015), value and gradients fused; the same values as
     ``T^2 * kl_rows(log_softmax_t(teacher, T), log_softmax_t(student, T))``.
-    Differentiable once (no double backward)."""
-    return _KDRows.apply(student, teacher, float(temperature))
+    ``reverse``: ``T^2 KL(student || teacher)`` instead. Differentiable once
+    (no double backward)."""
+    return _KDRows.apply(student, teacher, float(temperature), bool(reverse))
 
 
 def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:

@@ -595,9 +595,10 @@ def test_split_target_temperature_and_log_probabilities_agree_with_logits():
     torch.testing.assert_close(log_rho.exp(), rho)
 
 
+@pytest.mark.parametrize("name", ["kd", "rkd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
-def test_kd_gradients_of_both_models_match_float64_autograd(temperature):
-    """kd's fused gradients (student and teacher) against autograd on the plain formula."""
+def test_kd_gradients_of_both_models_match_float64_autograd(temperature, name):
+    """kd's and rkd's fused gradients (student and teacher) against autograd on the plain formula."""
     g = torch.Generator().manual_seed(5)
     zs = 3 * torch.randn(6, 5, generator=g)
     zt = 3 * torch.randn(6, 5, generator=g)
@@ -607,6 +608,8 @@ def test_kd_gradients_of_both_models_match_float64_autograd(temperature):
     def reference(s, t):
         logp = torch.log_softmax(t / temperature, -1)
         logq = torch.log_softmax(s / temperature, -1)
+        if name == "rkd":  # KL(q || p)
+            logp, logq = logq, logp
         p = logp.exp()
         zero = p == 0  # those terms are 0; masking both logs keeps autograd free of NaN
         terms = p * (logp.masked_fill(zero, 0.0) - logq.masked_fill(zero, 0.0))
@@ -615,6 +618,25 @@ def test_kd_gradients_of_both_models_match_float64_autograd(temperature):
     s64, t64 = (x.double().requires_grad_() for x in (zs, zt))
     reference(s64, t64).backward()
     s32, t32 = (x.clone().requires_grad_() for x in (zs, zt))
-    kdcore.create("loss", "kd", temperature=temperature)(s32, t32, None).backward()
+    kdcore.create("loss", name, temperature=temperature)(s32, t32, None).backward()
     torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(t32.grad.double(), t64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_rkd_student_zero_probability_columns_have_finite_gradients(teacher_grad):
+    """rkd = KL(q || p): a column where only the student is -inf contributes 0, in value and gradient."""
+    zs = torch.tensor([[1.0, 2.0, float("-inf")], [0.5, -1.0, 3.0]])
+    zt = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    s, t = zs.clone().requires_grad_(), zt.clone().requires_grad_(teacher_grad)
+    value = kdcore.create("loss", "rkd", temperature=2.0)(s, t, None)
+    value.backward()
+    s64, t64 = zs.double().requires_grad_(), zt.double().requires_grad_(teacher_grad)
+    logq, logp = torch.log_softmax(s64 / 2, -1), torch.log_softmax(t64 / 2, -1)
+    q = logq.exp()
+    ref = 4 * (q * (logq.masked_fill(q == 0, 0) - logp.masked_fill(q == 0, 0))).sum(-1).mean()
+    ref.backward()
+    torch.testing.assert_close(value.double(), ref)
+    torch.testing.assert_close(s.grad.double(), s64.grad)
+    if teacher_grad:
+        torch.testing.assert_close(t.grad.double(), t64.grad)
