@@ -17,10 +17,20 @@ from torch.autograd.function import once_differentiable
 IGNORE_INDEX = -100
 
 
+def upcast(x: Tensor) -> Tensor:
+    """float16 / bfloat16 to float32; other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def scaled_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``logits / T``, in float32 at least."""
+    z = upcast(logits)
+    return z / temperature if temperature != 1.0 else z
+
+
 def log_softmax_t(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """``log_softmax(logits / T)`` over the last dim, in float32 at least."""
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+    return torch.log_softmax(scaled_logits(logits, temperature), dim=-1)
 
 
 def masked_where_zero(p: Tensor, x: Tensor) -> Tensor:
@@ -88,9 +98,8 @@ class _KDRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, temperature: float, reverse: bool) -> Tensor:
-        scaled = temperature != 1.0
-        logq = torch.log_softmax(student / temperature if scaled else student, -1)
-        logp = torch.log_softmax(teacher / temperature if scaled else teacher, -1)
+        logq = log_softmax_t(student, temperature)
+        logp = log_softmax_t(teacher, temperature)
         # the "from" distribution of the divergence and its log-ratio to the other one
         a_log, b_log = (logq, logp) if reverse else (logp, logq)
         needs_d = ctx.needs_input_grad[0] if reverse else ctx.needs_input_grad[1]
@@ -138,11 +147,6 @@ def ce_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     return -(p * masked_where_zero(p, q_logp)).sum(-1)
 
 
-def target_logp(logp: Tensor, target: Tensor) -> Tensor:
-    """``log p_t`` per row."""
-    return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-
-
 def split_target(logits: Tensor, target: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Decompose ``softmax(logits / T)`` around the target class (tand.txt sec. 2).
 
@@ -154,8 +158,7 @@ def split_target(logits: Tensor, target: Tensor, temperature: float = 1.0) -> tu
     non-target classes even where ``p_t`` rounds to 1 (logits 1e8 apart), and
     ``log(1 - p_t)`` is exact where ``1 - p_t`` underflows.
     """
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    x = x / temperature if temperature != 1.0 else x
+    x = scaled_logits(logits, temperature)
     idx = target.unsqueeze(-1)
     x_t = x.gather(-1, idx).squeeze(-1)
     nontarget = x.scatter(-1, idx, float("-inf"))

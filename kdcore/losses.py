@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kdcore import params
 from kdcore.errors import ConfigError
-from kdcore.functional import IGNORE_INDEX, flatten_rows
+from kdcore.functional import IGNORE_INDEX, flatten_rows, upcast
 
 Spec = str | Mapping[str, Any] | Callable[..., Any]
 
@@ -56,11 +56,6 @@ def resolve_transforms(specs: Sequence[Spec] | None, path: str = "transforms") -
     if isinstance(specs, (str, Mapping)) or callable(specs):
         specs = [specs]
     return [build("transform", s, f"{path}[{i}]") for i, s in enumerate(specs)]
-
-
-def upcast(x: Tensor) -> Tensor:
-    """float16 / bfloat16 to float32; other dtypes as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class _ChunkedRowSum(torch.autograd.Function):

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from kdcore import params
 from kdcore.builtin.divergences import KL
-from kdcore.functional import IGNORE_INDEX, kd_rows, log_softmax_t
-from kdcore.losses import LogitLoss, Spec, resolve_divergence, upcast
+from kdcore.functional import IGNORE_INDEX, kd_rows, log_softmax_t, upcast
+from kdcore.losses import LogitLoss, Spec, resolve_divergence
 
 
 class CrossEntropy(LogitLoss):
