@@ -50,7 +50,8 @@ def convert_zoo_state_dict(name: str, state: Mapping[str, Any]) -> dict[str, Ten
     for key in ("model", "state_dict"):
         if isinstance(state.get(key), Mapping):
             state = state[key]
-    source = {k: v for k, v in _strip_wrappers(state).items() if not k.endswith(COUNTER)}
+    tensors = _strip_wrappers(state)
+    source = {k: v for k, v in tensors.items() if not k.endswith(COUNTER)}
     if not source:
         raise ConfigError("checkpoint: holds no tensors")
     num_classes = next(reversed(source.values())).shape[0]  # the classifier's bias
@@ -68,12 +69,11 @@ def convert_zoo_state_dict(name: str, state: Mapping[str, Any]) -> dict[str, Ten
                               f"needs {tuple(target[ours].shape)} (not a reference-zoo {name}?)")
         out[ours] = value
         prefixes[ours.rpartition(".")[0]] = theirs.rpartition(".")[0]
-    counters = _strip_wrappers(state)
     for ours in target:
         if ours.endswith(COUNTER):
             module = ours.rpartition(".")[0]
             theirs = f"{prefixes.get(module, '')}.{COUNTER}"
-            out[ours] = counters.get(theirs, torch.zeros((), dtype=torch.long))
+            out[ours] = tensors.get(theirs, torch.zeros((), dtype=torch.long))
     return {k: out[k] for k in target}
 
 
@@ -92,6 +92,8 @@ def add_import_command(cli: Any) -> None:
 
 
 def run_import_command(args: argparse.Namespace) -> int:
+    from kdcore.engine.rundir import atomic_torch_save  # the engine loads only when the command runs
+
     path = Path(args.source)
     if not path.is_file():
         raise ConfigError(f"source: file not found: {path}")
@@ -103,8 +105,7 @@ def run_import_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"source: {path} holds no state dict")
     state = convert_zoo_state_dict(args.backbone, obj)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state, "backbone": args.backbone, "source": str(path)}, out)
+    atomic_torch_save({"model": state, "backbone": args.backbone, "source": str(path)}, out)
     n = sum(v.numel() for k, v in state.items() if not k.endswith(COUNTER) and "running_" not in k)
     print(f"{args.backbone}: {len(state)} tensors ({n:,} parameters) -> {out}")
     return 0
