@@ -12,7 +12,8 @@ from kdcore.engine import train
 from kdcore.errors import ConfigError, PluginError, UnknownComponentError
 from kdcore.hookspecs import hookimpl
 from kdcore.losses import LogitLoss
+from kdcore.outputs import Outputs
 from kdcore.plugins import reload_plugins
 
 __all__ = ["__version__", "available", "create", "train", "hookimpl", "ConfigError", "PluginError",
-           "UnknownComponentError", "LogitLoss", "reload_plugins"]
+           "UnknownComponentError", "LogitLoss", "Outputs", "reload_plugins"]

@@ -1,0 +1,78 @@
+"""What a model produced for a batch: :class:`Outputs`.
+
+A backbone's forward returns either a logits tensor or an :class:`Outputs`.
+The engine hands loss terms with ``uses_outputs = True`` the whole object
+(logits, tapped ``features``, last ``hidden`` state and the output ``head``);
+logit losses receive it too and, with ``chunk_size`` set and ``hidden`` and
+``head`` present, project the hidden states chunk by chunk instead of reading
+``logits`` (the fused path for large vocabularies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+Head = Callable[[Tensor], Tensor]
+
+
+class Outputs:
+    """A model's outputs for one batch.
+
+    - ``logits``: ``[N, C]`` or ``[B, T, V]``; computed once from
+      ``head(hidden)`` on first read when the model gave only those;
+    - ``features``: tap name (a ``named_modules()`` path) -> that module's output;
+    - ``hidden``: the last hidden state ``[..., H]`` (or None);
+    - ``head``: ``head(hidden) -> logits``, the output layer including any final
+      soft-capping or logit scale (or None);
+    - ``index``: the dataset indices of the batch's samples ``[N]`` (set by the
+      engine; memory banks and teacher stores key on them), or None.
+    """
+
+    __slots__ = ("_logits", "features", "hidden", "head", "index")
+
+    def __init__(self, logits: Tensor | None = None, *, features: Mapping[str, Any] | None = None,
+                 hidden: Tensor | None = None, head: Head | None = None, index: Tensor | None = None):
+        if logits is None and (hidden is None or head is None):
+            raise ValueError("Outputs needs logits, or both hidden and head")
+        self._logits = logits
+        self.features: dict[str, Any] = dict(features or {})
+        self.hidden, self.head, self.index = hidden, head, index
+
+    @classmethod
+    def of(cls, value: "Tensor | Outputs") -> "Outputs":
+        """``value`` as :class:`Outputs` (a tensor is ``Outputs(logits=value)``)."""
+        if isinstance(value, Outputs):
+            return value
+        if isinstance(value, Tensor):
+            return cls(value)
+        raise TypeError(f"a model must return a logits tensor or kdcore.Outputs, got {type(value).__name__}")
+
+    @property
+    def logits(self) -> Tensor:
+        """The logits, computed from ``head(hidden)`` on first use (once)."""
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether the logits exist already (False: reading them projects ``hidden``)."""
+        return self._logits is not None
+
+    @property
+    def projectable(self) -> bool:
+        """Whether ``hidden`` and ``head`` are there (the fused path applies)."""
+        return self.hidden is not None and self.head is not None
+
+    def __repr__(self) -> str:
+        parts = []
+        if self._logits is not None:
+            parts.append(f"logits={tuple(self._logits.shape)}")
+        if self.hidden is not None:
+            parts.append(f"hidden={tuple(self.hidden.shape)}")
+        if self.features:
+            parts.append(f"features={sorted(self.features)}")
+        return f"Outputs({', '.join(parts)})"
