@@ -43,3 +43,12 @@ class PluginError(RuntimeError):
 
 class DuplicateComponentError(PluginError):
     """Two plugins registered the same name for one kind."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training step produced a non-finite loss (exit 1; the last finite checkpoint is kept)."""
+
+    def __init__(self, step: int, term: str, value: float):
+        super().__init__(f"step {step}: loss term {term!r} is {value} (non-finite); the run stopped and "
+                         "kept its last finite checkpoint (lower optim.lr, or set optim.clip_grad_norm)")
+        self.step, self.term, self.value = step, term, value
