@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcore.engine import build_trainer
+from kdcore.engine.batches import Batch
 
 
 def config(batch: int, device: str, hidden_t, hidden_s) -> dict:
@@ -85,7 +86,7 @@ def main() -> None:
         opt.step()
 
     def kdcore_step(x, y):
-        trainer.train_step(x, y)
+        trainer.train_step(Batch.of(x, y))
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.clock == "cpu" and dev.type != "cpu":

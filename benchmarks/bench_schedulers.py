@@ -31,6 +31,7 @@ import torch
 
 import kdcore
 from kdcore.engine import build_trainer
+from kdcore.engine.batches import Batch
 
 
 def config(args, weighting: dict | None, checkpoint: str) -> dict:
@@ -87,11 +88,11 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def run(trainer, steps):
-        aux = itertools.cycle(batches[3:] + batches[:3])
+        aux = itertools.cycle([Batch.of(x, y) for x, y in batches[3:] + batches[:3]])
         trainer.step += -trainer.step % 10  # start on a recomputation step of every=10
         for k in range(steps):
             x, y = batches[k % len(batches)]
-            trainer.train_step(x, y, None, aux)
+            trainer.train_step(Batch.of(x, y), None, aux)
 
     for trainer in trainers.values():  # warm-up
         run(trainer, 10)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from kdcore import create
 from kdcore.engine import build_trainer
+from kdcore.engine.batches import Batch
 
 #: name -> (run.amp, run.channels_last)
 VARIANTS = {"fp32": ("off", False), "bf16": ("bf16", False), "bf16_cl": ("bf16", True),
@@ -94,11 +95,11 @@ def run_variant(name: str, args, checkpoint: str) -> tuple[list[float], list[flo
 
     for x, y in batches[:2]:  # warm-up (allocator, cuDNN algorithm choice)
         baseline_step(x, y)
-        trainer.train_step(x, y)
+        trainer.train_step(Batch.of(x, y))
     base, ours = [], []
     for i in range(args.repeats):  # step by step, alternating which side goes first
         for j, (x, y) in enumerate(batches):
-            pair = [(base, baseline_step), (ours, trainer.train_step)]
+            pair = [(base, baseline_step), (ours, lambda x, y: trainer.train_step(Batch.of(x, y)))]
             for times, step in pair if (i + j) % 2 == 0 else pair[::-1]:
                 times.append(timed(step, x, y))
     return base, ours

@@ -17,6 +17,7 @@ class Progress:
     step: int             #: optimizer steps taken before this one in the whole run
     epochs: int           #: total epochs of the run
     steps_per_epoch: int  #: optimizer steps in one epoch
+    total_steps: int = 0  #: the run's optimizer steps when it is bounded by ``run.max_steps`` (0: epochs)
 
     @property
     def step_in_epoch(self) -> int:
@@ -25,7 +26,7 @@ class Progress:
     @property
     def fraction(self) -> float:
         """Share of the run done at this step, in [0, 1)."""
-        total = max(self.epochs * self.steps_per_epoch, 1)
+        total = max(self.total_steps or self.epochs * self.steps_per_epoch, 1)
         return min(self.step / total, 1.0)
 
 

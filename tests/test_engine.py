@@ -12,6 +12,8 @@ import torch
 
 import kdcore
 from kdcore.engine import build_trainer
+from kdcore.engine import loop
+from kdcore.engine.batches import Batch
 from kdcore.engine.trainer import Trainer
 from kdcore.errors import ConfigError
 from kdcore.weighting import GradientWeighting, Update
@@ -58,17 +60,17 @@ def test_same_seed_same_weights_and_interrupted_resume(tmp_path, teacher_ckpt, m
     full = weights(tmp_path / "full")
     assert all(torch.equal(full[k], v) for k, v in weights(tmp_path / "again").items())
 
-    original = Trainer._run_epoch
+    original = loop._run_epoch
 
-    def interrupt_at_epoch_3(self, *args):
-        if self.epoch == 3:
+    def interrupt_at_epoch_3(trainer, *args):
+        if trainer.epoch == 3:
             raise KeyboardInterrupt
-        return original(self, *args)
+        return original(trainer, *args)
 
-    monkeypatch.setattr(Trainer, "_run_epoch", interrupt_at_epoch_3)
+    monkeypatch.setattr(loop, "_run_epoch", interrupt_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         kdcore.train(conf, tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    monkeypatch.setattr(loop, "_run_epoch", original)
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
     kdcore.train(conf, tmp_path / "cut", resume=True, quiet=True)
     resumed = weights(tmp_path / "cut")
@@ -125,9 +127,9 @@ def test_gradient_seam_matches_plain_step(tmp_path, teacher_ckpt, use_grad):
     seamed.weighting = Recording(use_grad)
     seamed.load_state_dict(plain.state_dict())
     x, y = seamed.data.train.inputs[:32], seamed.data.train.targets[:32]
-    aux = iter([(seamed.data.train.inputs[32:64], seamed.data.train.targets[32:64])])
-    plain.train_step(x, y)
-    seamed.train_step(x, y, aux=aux)
+    aux = iter([Batch.of(seamed.data.train.inputs[32:64], seamed.data.train.targets[32:64])])
+    plain.train_step(Batch.of(x, y))
+    seamed.train_step(Batch.of(x, y), aux=aux)
     for a, b in zip(plain.student.parameters(), seamed.student.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert seamed.weighting.seen == [(["ce", "kd"], {"ce": "ce", "kd": "kd"}, ["ce", "kd"])]
@@ -167,4 +169,4 @@ def test_compile_wraps_student_and_teacher(tmp_path, teacher_ckpt, monkeypatch):
     trainer = build_trainer(runs.student_config(teacher_ckpt, epochs=1, compile=True), tmp_path, quiet=True)
     assert compiled == [trainer.student, trainer.teacher]
     x, y = trainer.data.train.inputs[:8], trainer.data.train.targets[:8]
-    trainer.train_step(x, y)
+    trainer.train_step(Batch.of(x, y))

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from kdcore import config as cfg
+from kdcore.engine.models import check_resume, load_checkpoint
+from kdcore.engine.rundir import RunDir, check_out
 from kdcore.engine.trainer import Trainer
 from kdcore.plugins import default_registry
 from kdcore.registry import Registry
@@ -35,16 +37,22 @@ def default_out_dir(config: Any) -> Path:
 
 
 def train(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Path | None = None,
-          overrides: Iterable[str] = (), *, resume: bool = False, quiet: bool = False,
-          registry: Registry | None = None) -> dict[str, Any]:
+          overrides: Iterable[str] = (), *, resume: bool = False, overwrite: bool = False,
+          quiet: bool = False, registry: Registry | None = None) -> dict[str, Any]:
     """Run a training job and return its summary (also written to ``summary.json``).
 
-    ``out_dir`` defaults to ``runs/<config file stem>``.
+    ``out_dir`` defaults to ``runs/<config file stem>``. It is locked while the
+    run lasts; a new run into one that holds an earlier run is refused unless
+    ``overwrite`` (which deletes that run's files); a resume is checked against
+    the config before anything is written.
     """
-    out_dir = default_out_dir(config) if out_dir is None else out_dir
+    out_dir = check_out(default_out_dir(config) if out_dir is None else out_dir)
     trainer = build_trainer(config, out_dir, overrides, quiet=quiet, registry=registry)
     try:
-        return trainer.fit(resume=resume)
+        with RunDir.open(out_dir, resume=resume, overwrite=overwrite, main=trainer.dist.is_main) as run_dir:
+            if resume:
+                check_resume(load_checkpoint(run_dir.last), trainer.config, trainer.student, path=run_dir.last)
+            return trainer.fit(resume=resume)
     finally:
         from kdcore.engine import distributed
 

@@ -1,4 +1,14 @@
-"""The training objective ``L = sum_i w_i(t) * L_i`` built from ``[[loss]]`` tables."""
+"""The training objective ``L = sum_i w_i(t) * L_i`` built from ``[[loss]]`` tables.
+
+Each term gets what its loss declares it needs (class attributes, see
+docs/plugins.md): a loss with ``uses_outputs = True`` is called with the two
+models' :class:`kdcore.Outputs`, its taps (``student_taps``, ``teacher_taps``)
+filled; a :class:`kdcore.LogitLoss` with the outputs too where the fused
+projection applies (``hidden`` and ``head`` without logits), otherwise with
+logits; any other callable with logits. Losses that are ``nn.Module`` s may own
+parameters and buffers: :attr:`Objective.modules` holds them for the optimizer
+and the checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +16,64 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdcore.config import Config
+from kdcore.engine.taps import check_taps, tap_paths
 from kdcore.errors import ConfigError
-from kdcore.losses import build
+from kdcore.losses import LogitLoss, build
+from kdcore.outputs import Outputs
 from kdcore.registry import Registry
 from kdcore.schedule import Progress
 
 
 @attrs.define
 class Term:
-    """One loss term: its label, loss object, base weight and time schedule."""
+    """One loss term: its label, config path, loss object, base weight and time schedule."""
 
     id: str
     loss: Any
     weight: float
     schedule: Any = None
+    path: str = "loss"
 
     @property
     def uses_teacher(self) -> bool:
         return getattr(self.loss, "uses_teacher", True)
 
     @property
+    def uses_outputs(self) -> bool:
+        return bool(getattr(self.loss, "uses_outputs", False))
+
+    @property
     def role(self) -> str:
         """``"kd"`` for a term that uses the teacher, ``"ce"`` otherwise."""
         return "kd" if self.uses_teacher else "ce"
 
+    def taps(self, side: str) -> tuple[str, ...]:
+        if not self.uses_outputs or (side == "teacher" and not self.uses_teacher):
+            return ()
+        return tap_paths(getattr(self.loss, f"{side}_taps", ()))
+
     def weight_at(self, progress: Progress) -> float:
         return self.weight if self.schedule is None else self.weight * float(self.schedule(progress))
+
+    def __call__(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> Tensor:
+        if not self.uses_teacher:
+            teacher = None
+        if self.uses_outputs:
+            return self.loss(student, teacher, target)
+        if isinstance(self.loss, LogitLoss) and (_fusable(student) or _fusable(teacher)):
+            return self.loss(student, teacher, target)
+        return self.loss(student.logits, None if teacher is None else teacher.logits, target)
+
+
+def _fusable(outputs: Outputs | None) -> bool:
+    return outputs is not None and outputs.projectable and not outputs.has_logits
+
+
+def _module_key(term_id: str) -> str:
+    return term_id.replace(".", "_")
 
 
 class Objective:
@@ -43,6 +82,8 @@ class Objective:
     def __init__(self, terms: list[Term]):
         self.terms = terms
         self.uses_teacher = any(t.uses_teacher for t in terms)
+        #: the terms' losses that are modules (their parameters and buffers train and checkpoint)
+        self.modules = nn.ModuleDict({_module_key(t.id): t.loss for t in terms if isinstance(t.loss, nn.Module)})
 
     @classmethod
     def from_config(cls, config: Config, registry: Registry) -> "Objective":
@@ -58,12 +99,28 @@ class Objective:
                 schedule = build("scheduler", term.schedule, f"{path}.schedule")
                 if not callable(schedule):
                     raise ConfigError(f"{path}.schedule: {term.schedule!r} is not a time schedule")
-            terms.append(Term(tid, loss, term.weight, schedule))
+            terms.append(Term(tid, loss, term.weight, schedule, path))
         objective = cls(terms)
         if objective.uses_teacher and config.teacher is None:
             names = [t.id for t in terms if t.uses_teacher]
             raise ConfigError(f"teacher: required by loss term(s) {', '.join(names)} (add a [teacher] table)")
         return objective
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Let feature terms see the models (``loss.bind(student, teacher)``, e.g. for
+        default taps), then check every tap path against the models."""
+        for term in self.terms:
+            if not term.uses_outputs:
+                continue
+            if callable(getattr(term.loss, "bind", None)):
+                term.loss.bind(student, teacher if term.uses_teacher else None)
+            check_taps(student, term.taps("student"), term.path, "student")
+            if teacher is not None:
+                check_taps(teacher, term.taps("teacher"), term.path, "teacher")
+
+    def taps(self, terms: list[Term], side: str) -> tuple[str, ...]:
+        """The union of ``terms``' tap paths on ``side`` ("student" or "teacher"), in order."""
+        return tuple(dict.fromkeys(p for t in terms for p in t.taps(side)))
 
     def weights(self, progress: Progress) -> dict[str, float]:
         return {t.id: t.weight_at(progress) for t in self.terms}
@@ -72,10 +129,10 @@ class Objective:
         """Terms with a non-zero weight (among ``names`` if given)."""
         return [t for t in self.terms if weights[t.id] != 0.0 and (names is None or t.id in names)]
 
-    def losses(self, student: Tensor, teacher: Tensor | None, target: Tensor,
+    def losses(self, student: Outputs, teacher: Outputs | None, target: Tensor,
                weights: Mapping[str, float], names=None) -> dict[str, Tensor]:
         """Unweighted value of every active term (among ``names`` if given)."""
-        return {t.id: t.loss(student, teacher, target) for t in self.active(weights, names)}
+        return {t.id: t(student, teacher, target) for t in self.active(weights, names)}
 
     @staticmethod
     def total(losses: Mapping[str, Tensor], coefs: Mapping[str, float]) -> Tensor | None:
@@ -89,3 +146,7 @@ class Objective:
 
     def roles(self) -> dict[str, str]:
         return {t.id: t.role for t in self.terms}
+
+    def batch_level_terms(self) -> list[str]:
+        """Ids of the terms whose loss couples the rows of a batch (``batch_level = True``)."""
+        return [t.id for t in self.terms if getattr(t.loss, "batch_level", False)]

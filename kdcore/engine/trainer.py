@@ -1,17 +1,17 @@
-"""The training loop: one student, an optional frozen teacher, a weighted objective.
+"""What one run needs, and one optimizer step.
 
-:class:`Trainer` holds what one run needs and nothing global; :meth:`Trainer.fit`
-runs epochs, evaluates, logs and checkpoints into the run directory (rank 0
-only), and resumes from ``checkpoints/last.pt`` to exactly the weights of an
-uninterrupted run.
+:class:`Trainer` builds the student, the frozen teacher, the objective (with
+the loss terms' own parameters), the optimizer and the batches from a
+validated :class:`kdcore.config.Config`, and nothing global. :meth:`Trainer.train_step`
+is one optimizer step over ``run.accumulate`` micro-batches;
+:meth:`Trainer.fit` runs the loop of :mod:`kdcore.engine.loop`; the checkpoint
+format is in :mod:`kdcore.engine.checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,17 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from kdcore import config as cfg
-from kdcore.engine import distributed
-from kdcore.engine.batches import Batches, epoch_generator, eval_batches
+from kdcore.engine import checkpoints, distributed, step
+from kdcore.engine.batches import Batch, Batches, eval_batches
+from kdcore.engine.meter import Meter
 from kdcore.engine.models import build_model
 from kdcore.engine.objective import Objective
-from kdcore.engine.rundir import JsonLines, Scalars, atomic_torch_save, atomic_write, dumps_record
 from kdcore.errors import ConfigError
+from kdcore.functional import IGNORE_INDEX
+from kdcore.outputs import Outputs
 from kdcore.registry import Registry
 from kdcore.schedule import Progress
 from kdcore.weighting import GradientContext, GradientWeighting, unflatten_into
-
-CHECKPOINT_VERSION = 1
 
 
 def pick_device(kind: str, local_rank: int = 0) -> torch.device:
@@ -39,38 +39,6 @@ def pick_device(kind: str, local_rank: int = 0) -> torch.device:
             raise ConfigError("run.device: 'cuda' asked for but no CUDA device is available")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-class Meter:
-    """Sums of per-step values kept on the device (no sync until read)."""
-
-    def __init__(self):
-        self.sums: dict[str, Tensor] = {}
-        self.info: dict[str, float] = {}
-        self.info_counts: dict[str, int] = {}
-        self.steps = 0
-
-    def add(self, values: Mapping[str, Tensor]) -> None:
-        for k, v in values.items():
-            v = v.detach()
-            if k in self.sums:
-                self.sums[k] += v
-            else:
-                self.sums[k] = v.clone().float()
-        self.steps += 1
-
-    def add_info(self, info: Mapping[str, float]) -> None:
-        for k, v in info.items():
-            self.info[k] = self.info.get(k, 0.0) + float(v)
-            self.info_counts[k] = self.info_counts.get(k, 0) + 1
-
-    def means(self, reduce) -> dict[str, float]:
-        out = {}
-        for k, v in self.sums.items():
-            out[k] = float(reduce(v / max(self.steps, 1)))
-        for k, v in self.info.items():
-            out[k] = v / self.info_counts[k]
-        return out
 
 
 class Trainer:
@@ -85,8 +53,9 @@ class Trainer:
         self.device = pick_device(run.device, self.dist.local_rank)
         if run.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("run.amp: 'fp16' needs a CUDA device (use 'bf16' on the CPU)")
-        if run.batch_size < self.dist.world:
-            raise ConfigError(f"run.batch_size: {run.batch_size} is smaller than the {self.dist.world} processes")
+        if run.batch_size < self.dist.world * run.accumulate:
+            raise ConfigError(f"run.batch_size: {run.batch_size} is smaller than {self.dist.world} process(es) "
+                              f"x run.accumulate = {run.accumulate} micro-batches")
         self.out = Path(out_dir) if out_dir is not None else None
         if run.threads:
             torch.set_num_threads(run.threads)
@@ -116,23 +85,31 @@ class Trainer:
             self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = self._build_optimizer()
-        self.scaler = torch.amp.GradScaler("cuda") if run.amp == "fp16" else None
-
-        self.model = self.student
-        if self.dist.enabled:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if run.compile:
-            self.model = torch.compile(self.model)
-            if self.teacher is not None:
-                self.teacher_forward = torch.compile(self.teacher)
+        self.objective.bind(self.student, self.teacher)
+        self.objective.modules.to(self.device)
         pin = self.device.type == "cuda"
         self.batches = Batches(self.data.train, batch_size=run.batch_size, device=self.device,
                                rank=self.dist.rank, world=self.dist.world, num_workers=run.num_workers,
                                pin_memory=pin)
+        self._materialise_lazy_terms()
+        self.sharded = run.strategy == "fsdp" and self.dist.enabled
+        self.model = self._wrap_student()
+        self.params = step.trainable(self.student.parameters())
+        self.term_params = step.trainable(self.objective.modules.parameters())
+        #: every optimised module, for the sharded optimizer state
+        self.trained = nn.ModuleDict({"student": self.student, "losses": self.objective.modules})
+        self.optimizer = self._build_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if run.amp == "fp16" else None
+        self.buffer_sync = step.BufferSync(self.objective.modules, self.dist)
+        self.guard = step.FiniteGuard(self.device)
+        if run.compile:
+            self.model = torch.compile(self.model)
+            if self.teacher is not None:
+                self.teacher_forward = torch.compile(self.teacher)
         self.epoch, self.step = 0, 0
+        self.batch_in_epoch = 0  # batches of the current epoch done (a resume mid-epoch)
+        self.meter: Meter | None = None
+        self.aux_consumed = 0    # auxiliary batches drawn in the current epoch
         self.best_val_acc: float | None = None
         self.best_epoch: int | None = None
 
@@ -150,24 +127,76 @@ class Trainer:
                               "(use it as a term's schedule instead)")
         if self.config.run.amp == "fp16":
             raise ConfigError("run.amp: 'fp16' is not supported with [weighting] (use 'bf16')")
+        if self.config.run.accumulate > 1:
+            raise ConfigError("run.accumulate: gradient-aware [weighting] needs whole batches (accumulate = 1)")
         return w
+
+    def _materialise_lazy_terms(self) -> None:
+        """Run the loss terms once on the first batch, without learning, when a term
+        creates its connectors from the features' shapes (lazy modules)."""
+        if not any(isinstance(p, nn.parameter.UninitializedParameter)
+                   for p in self.objective.modules.parameters()):
+            return
+        rng = torch.get_rng_state()
+        batch = next(iter(self.batches.epoch(torch.Generator().manual_seed(0))))
+        was = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            weights = {t.id: 1.0 for t in self.objective.terms}
+            s, t = self._outputs(batch, self.objective.active(weights), self.student)
+            self.objective.losses(s, t, batch.target, weights)
+        self.student.train(was)
+        torch.set_rng_state(rng)
+
+    def _wrap_student(self) -> nn.Module:
+        if not self.dist.enabled:
+            return self.student
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.dist.world,))
+            fully_shard(self.student, mesh=mesh)
+            return self.student
+        return nn.parallel.DistributedDataParallel(
+            self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
+        groups = [{"params": self.params}]
+        if self.term_params:
+            groups.append({"params": self.term_params})  # the loss terms' connectors
         if o.name == "sgd":
-            return torch.optim.SGD(self.params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                    weight_decay=o.weight_decay)
-        return torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
-    def lr_factor(self, epoch: int) -> float:
-        """Learning-rate multiplier for ``epoch`` (from 1)."""
-        o = self.config.optim
+    @property
+    def term_parameter_count(self) -> int:
+        """Trainable parameters the loss terms add (connectors, projections)."""
+        return sum(p.numel() for p in self.term_params)
+
+    # -- schedules ----------------------------------------------------------------------------
+    def lr_factor(self, epoch: int, step_: int | None = None) -> float:
+        """Learning-rate multiplier for ``epoch`` (from 1) at optimizer step ``step_``
+        (steps before this one): the schedule (over steps under ``run.max_steps``)
+        times the linear warm-up of ``optim.warmup_steps``."""
+        o, run = self.config.optim, self.config.run
+        step_ = self.step if step_ is None else step_
+        factor = 1.0
         if o.lr_schedule == "step":
-            return o.gamma ** sum(epoch > m for m in o.milestones)
-        if o.lr_schedule == "cosine":
+            factor = o.gamma ** sum(epoch > m for m in o.milestones)
+        elif o.lr_schedule == "cosine":
             floor = o.min_lr / o.lr
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / self.config.run.epochs))
-        return 1.0
+            done = step_ / run.max_steps if run.max_steps else (epoch - 1) / run.epochs
+            factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+        if o.warmup_steps and step_ < o.warmup_steps:
+            factor *= (step_ + 1) / o.warmup_steps
+        return factor
+
+    def progress(self) -> Progress:
+        return Progress(max(self.epoch, 1), self.step, self.config.run.epochs, len(self.batches),
+                        self.config.run.max_steps)
 
     # -- one step -----------------------------------------------------------------------------
     def autocast(self):
@@ -176,70 +205,117 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
-    def _inputs(self, x: Tensor) -> Tensor:
-        if self.config.run.channels_last and x.dim() == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+    def _inputs(self, inputs):
+        if self.config.run.channels_last and isinstance(inputs, Tensor) and inputs.dim() == 4:
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
 
-    def teacher_logits(self, x: Tensor, needed: bool = True) -> Tensor | None:
-        if self.teacher is None or not needed:
-            return None
-        with torch.no_grad():
-            return self.teacher_forward(x)
+    def _outputs(self, batch: Batch, terms, model: nn.Module) -> tuple[Outputs, Outputs | None]:
+        """The student's outputs (through ``model``) and, where a term needs it, the
+        teacher's (under ``no_grad``), with the taps the ``terms`` name."""
+        inputs = self._inputs(batch.inputs)
+        s = step.forward(model, inputs, self.student, self.objective.taps(terms, "student"), batch.index)
+        t = None
+        if self.teacher is not None and any(term.uses_teacher for term in terms):
+            with torch.no_grad():
+                t = step.forward(self.teacher_forward, inputs, self.teacher,
+                                 self.objective.taps(terms, "teacher"), batch.index)
+        return s, t
 
-    def progress(self) -> Progress:
-        return Progress(max(self.epoch, 1), self.step, self.config.run.epochs, len(self.batches))
+    def _no_sync(self, last: bool):
+        """Skip the gradient all-reduce on all micro-batches but the last."""
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.student.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
-    def train_step(self, x: Tensor, y: Tensor, meter: Meter | None = None,
-                   aux=None) -> dict[str, Tensor]:
-        """One optimizer step on a batch; returns the unweighted term losses."""
-        x = self._inputs(x)
+    def train_step(self, batch: Batch, meter: Meter | None = None, aux=None) -> dict[str, Tensor]:
+        """One optimizer step on a batch; returns the unweighted term losses (the step's means)."""
         progress = self.progress()
+        lr = self.config.optim.lr * self.lr_factor(progress.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         weights = self.objective.weights(progress)
         if self.weighting is not None and self.weighting.wants_gradients(progress):
-            losses = self._gradient_step(x, y, weights, progress, aux, meter)
+            losses, total = self._gradient_step(batch, weights, progress, aux, meter)
         else:
             coefs = weights
             if self.weighting is not None:
                 c = self.weighting.coefficients()
                 coefs = {k: w * float(c.get(k, 1.0)) for k, w in weights.items()}
-            with self.autocast():
-                s = self.model(x)
-                t = self.teacher_logits(x, any(term.uses_teacher for term in self.objective.active(coefs)))
-                losses = self.objective.losses(s, t, y, coefs)
-                total = self.objective.total(losses, coefs)
-            self.optimizer.zero_grad(set_to_none=True)
-            if total is None:  # every weight is 0 at this step: nothing to learn from
-                total = torch.zeros((), device=self.device)
-            elif self.scaler is not None:
-                self.scaler.scale(total).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                total.backward()
-                self.optimizer.step()
+            losses, total = self._accumulated_step(batch, coefs)
             if meter is not None:
                 meter.add({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
+        self.guard.observe(self.step + 1, {**losses, "total": total} if losses else {})
         self.step += 1
         return losses
 
-    def _gradient_step(self, x, y, weights, progress, aux, meter) -> dict[str, Tensor]:
+    def _accumulated_step(self, batch: Batch, coefs: Mapping[str, float]) -> tuple[dict[str, Tensor], Tensor]:
+        """Forward and backward over ``run.accumulate`` micro-batches, then one update."""
+        active = self.objective.active(coefs)
+        micros = batch.split(self.config.run.accumulate)
+        factors = step.micro_weights(micros, self.dist)
+        shares = step.local_shares(micros)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.buffer_sync:
+            self.buffer_sync.snapshot()
+        logged: dict[str, Tensor] = {}
+        stepped = False
+        for i, mb in enumerate(micros):
+            with self._no_sync(last=i == len(micros) - 1), self.autocast():
+                s, t = self._outputs(mb, active, self.model)
+                losses = self.objective.losses(s, t, mb.target, coefs)
+                total = self.objective.total(losses, coefs)
+            if self.sharded:
+                self.student.set_requires_gradient_sync(True)
+            for k, v in losses.items():
+                v = v.detach() if shares is None else v.detach() * shares[i]
+                logged[k] = v if k not in logged else logged[k] + v
+            if total is None:  # every weight is 0 at this step: nothing to learn from
+                continue
+            if factors is not None:
+                total = total * factors[i]
+            (total if self.scaler is None else self.scaler.scale(total)).backward()
+            stepped = True
+        if stepped:
+            self._update()
+        step_total = self.objective.total(logged, coefs)
+        return logged, torch.zeros((), device=self.device) if step_total is None else step_total
+
+    def _update(self) -> None:
+        """Synchronise what DDP/FSDP do not, clip, and take the optimizer step."""
+        step.average_gradients(self.term_params, self.dist)
+        clip = self.config.optim.clip_grad_norm
+        if clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            step.clip_gradients([self.params, self.term_params], clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.buffer_sync:
+            self.buffer_sync.sync()
+
+    def _gradient_step(self, batch: Batch, weights, progress, aux, meter) -> tuple[dict[str, Tensor], Tensor]:
         """A step through the gradient-aware seam (per-term gradients, reduced over ranks)."""
         module = self.student  # not the DDP wrapper: gradients are reduced explicitly
 
-        def term_losses(xb, yb, names=None):
-            needs_teacher = any(t.uses_teacher for t in self.objective.active(weights, names))
+        def term_losses(b: Batch, names=None):
+            terms = self.objective.active(weights, names)
             with self.autocast():
-                s = module(xb)
-                raw = self.objective.losses(s, self.teacher_logits(xb, needs_teacher), yb, weights, names)
+                s, t = self._outputs(b, terms, module)
+                raw = self.objective.losses(s, t, b.target, weights, names)
             return raw, {k: weights[k] * v for k, v in raw.items()}
 
-        raw, weighted = term_losses(x, y)
+        raw, weighted = term_losses(batch)
         aux_fn = None
         if self.weighting.needs_aux_batch:
             def aux_fn(names=None):
-                xa, ya = next(aux)
-                return term_losses(self._inputs(xa), ya, names)[1]
+                return term_losses(next(aux), names)[1]
         ctx = GradientContext(weighted, self.objective.roles(), self.params, progress, aux_fn, self.dist.mean)
         update = self.weighting.combine(ctx)
         self.optimizer.zero_grad(set_to_none=True)
@@ -253,17 +329,18 @@ class Trainer:
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.copy_(self.dist.mean(p.grad))
-        self.optimizer.step()
+        self._update()
+        total = sum(weighted.values())
         if meter is not None:
-            meter.add({**{f"loss/{k}": v for k, v in raw.items()},
-                       "loss/total": sum(weighted.values())})
+            meter.add({**{f"loss/{k}": v for k, v in raw.items()}, "loss/total": total})
             meter.add_info({f"weighting/{k}": v for k, v in update.info.items()})
-        return raw
+        return raw, total
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split, prefix: str, model: nn.Module | None = None) -> dict[str, float]:
-        """Accuracy (and distance to the Bayes posterior where the data know it)."""
+        """Accuracy over kept positions (token-level for sequences), and the distance
+        to the Bayes posterior where the data know it."""
         if split is None:
             return {}
         model = model or self.student
@@ -271,12 +348,13 @@ class Trainer:
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # correct, n, tv, l2
         has_post = getattr(split, "posterior", None) is not None
-        for x, y, post in eval_batches(split, self.config.run.eval_batch_size, self.device,
-                                       self.dist.rank, self.dist.world, self.config.run.num_workers):
+        for batch, post in eval_batches(split, self.config.run.eval_batch_size, self.device,
+                                        self.dist.rank, self.dist.world, self.config.run.num_workers):
             with self.autocast():
-                logits = model(self._inputs(x))
-            sums[0] += (logits.argmax(-1) == y).sum()
-            sums[1] += y.numel()
+                logits = step.forward(model, self._inputs(batch.inputs), model, (), batch.index).logits
+            keep = batch.target != IGNORE_INDEX
+            sums[0] += ((logits.argmax(-1) == batch.target) & keep).sum()
+            sums[1] += keep.sum()
             if post is not None:
                 diff = torch.softmax(logits.float(), -1) - post
                 sums[2] += 0.5 * diff.abs().sum(-1).sum()
@@ -291,157 +369,50 @@ class Trainer:
         return out
 
     # -- checkpoints --------------------------------------------------------------------------
+    def student_state(self) -> dict[str, Any]:
+        """The student's full state dict (a collective on every rank when sharded)."""
+        return checkpoints.model_state(self.student, self.sharded)
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything ``--resume`` needs (see :mod:`kdcore.engine.checkpoints`)."""
         return {
-            "version": CHECKPOINT_VERSION,
-            "model": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "version": checkpoints.VERSION,
+            "model": self.student_state(),
+            "losses": self.objective.modules.state_dict(),
+            "optimizer": checkpoints.optimizer_state(self.trained, self.optimizer, self.sharded),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "weighting": None if self.weighting is None else self.weighting.state_dict(),
-            "epoch": self.epoch,
+            "epoch": self.epoch if self.batch_in_epoch == 0 else self.epoch - 1,
+            "batch_in_epoch": self.batch_in_epoch,
+            "meter": None if self.batch_in_epoch == 0 or self.meter is None else self.meter.state_dict(),
+            "aux_consumed": self.aux_consumed if self.batch_in_epoch else 0,
             "step": self.step,
             "best_val_acc": self.best_val_acc,
             "best_epoch": self.best_epoch,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng": checkpoints.rng_state(),
             "config": cfg.dumps(self.config),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.student.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoints.load_model_state(self.student, state["model"], self.sharded)
+        self.objective.modules.load_state_dict(state.get("losses", {}))
+        checkpoints.load_optimizer_state(self.trained, self.optimizer, state["optimizer"], self.sharded)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.weighting is not None and state.get("weighting") is not None:
             self.weighting.load_state_dict(state["weighting"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        self.aux_consumed = int(state.get("aux_consumed", 0))
+        self.meter = None
+        if state.get("meter") is not None:
+            self.meter = Meter()
+            self.meter.load_state_dict(state["meter"], self.device)
         self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state.get("rng_cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-
-    # -- the loop -----------------------------------------------------------------------------
-    def _say(self, text: str) -> None:
-        if not self.quiet and self.dist.is_main:
-            print(text, file=sys.stderr, flush=True)
-
-    def _bar(self, total: int, epoch: int):
-        mode = "off" if self.quiet else self.config.run.progress
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        if mode != "bar" or not self.dist.is_main:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=f"epoch {epoch}/{self.config.run.epochs}", leave=False,
-                    dynamic_ncols=True, file=sys.stderr)
+        checkpoints.set_rng_state(state["rng"])
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train for ``run.epochs`` epochs; returns the summary written to ``summary.json``."""
-        run, main = self.config.run, self.dist.is_main
-        out = self.out
-        ckpt_dir = out / "checkpoints" if out is not None else None
-        metrics = JsonLines(out / "metrics.jsonl") if out is not None else None
-        steps_log = JsonLines(out / "steps.jsonl") if out is not None else None
-        if resume:
-            last = ckpt_dir / "last.pt" if ckpt_dir is not None else None
-            if last is None or not last.exists():
-                raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
-            state = torch.load(last, map_location=self.device, weights_only=True)
-            if state.get("config") != cfg.dumps(self.config):
-                self._say("kdcore: note: the configuration differs from the checkpoint's; resuming anyway")
-            self.load_state_dict(state)
-            self._say(f"resuming from {last} (epoch {self.epoch}, step {self.step})")
-        if main and out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / "config.toml", cfg.dumps(self.config))
-            if resume:
-                metrics.truncate_after(self.step)
-                steps_log.truncate_after(self.step)
-            else:
-                for f in (metrics.path, steps_log.path):
-                    f.unlink(missing_ok=True)
-        tb = Scalars(out / "tb", purge_step=self.step if resume else None) if main and out is not None else None
-        started = time.perf_counter()
-        last_record: dict[str, Any] = {}
-        try:
-            while self.epoch < run.epochs:
-                self.epoch += 1
-                last_record = self._run_epoch(metrics, steps_log, tb) or last_record
-                if main and ckpt_dir is not None:
-                    atomic_torch_save(self.state_dict(), ckpt_dir / "last.pt")
-                self.dist.barrier()
-            summary = self._summary(last_record, time.perf_counter() - started, metrics)
-            if main and out is not None:
-                atomic_write(out / "summary.json", dumps_record(summary, indent=2) + "\n")
-        finally:
-            if tb is not None:
-                tb.close()
-        return summary
+        """Train for ``run.epochs`` epochs (or ``run.max_steps`` steps); returns the summary."""
+        from kdcore.engine.loop import fit
 
-    def _run_epoch(self, metrics, steps_log, tb) -> dict[str, Any] | None:
-        run, main = self.config.run, self.dist.is_main
-        lr = self.config.optim.lr * self.lr_factor(self.epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.student.train()
-        meter = Meter()
-        aux = None
-        if self.weighting is not None and self.weighting.needs_aux_batch:
-            aux = _cycle(self.batches, epoch_generator(run.seed, self.epoch, stream=1))
-        bar = self._bar(len(self.batches), self.epoch)
-        t0 = time.perf_counter()
-        for x, y in self.batches.epoch(epoch_generator(run.seed, self.epoch)):
-            losses = self.train_step(x, y, meter, aux)
-            if bar is not None:
-                bar.update(1)
-            if self.step % run.log_every == 0 and main and (tb is not None or steps_log is not None):
-                rec = {"epoch": self.epoch, "step": self.step,
-                       **{f"loss/{k}": float(v.detach()) for k, v in losses.items()},
-                       **{f"weight/{k}": w for k, w in self.objective.weights(self.progress()).items()}}
-                if tb is not None:
-                    tb.add({k: v for k, v in rec.items() if k not in ("epoch", "step")}, self.step)
-                if steps_log is not None:
-                    steps_log.append(rec)
-        if bar is not None:
-            bar.close()
-        means = meter.means(self.dist.mean)  # every rank takes part in the reduction
-        if self.epoch % run.eval_every and self.epoch != run.epochs:
-            return None
-        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, **means,
-                                  **{f"weight/{k}": w for k, w in self.objective.weights(self.progress()).items()},
-                                  "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update(self.evaluate(self.data.val, "val"))
-        record["epoch_time_s"] = round(time.perf_counter() - t0, 4)
-        val_acc = record.get("val_acc")
-        if val_acc is not None and (self.best_val_acc is None or val_acc > self.best_val_acc):
-            self.best_val_acc, self.best_epoch = val_acc, self.epoch
-            if main and self.out is not None:
-                atomic_torch_save({"model": self.student.state_dict(), "epoch": self.epoch,
-                                   "step": self.step, "val_acc": val_acc},
-                                  self.out / "checkpoints" / "best.pt")
-        if main:
-            if metrics is not None:
-                metrics.append(record)
-            if tb is not None:
-                tb.add({k: v for k, v in record.items() if k not in ("epoch", "step")}, self.step)
-            shown = "  ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in record.items()
-                              if k.startswith("loss/") or k.startswith("val_"))
-            self._say(f"epoch {self.epoch}/{run.epochs}  {shown}  ({record['epoch_time_s']:.1f}s)")
-        return record
-
-    def _summary(self, last_record, elapsed, metrics) -> dict[str, Any]:
-        summary: dict[str, Any] = {"epochs": self.epoch, "steps": self.step,
-                                   "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch}
-        summary.update(self.evaluate(self.data.test, "test"))
-        if self.teacher is not None:
-            summary.update({f"teacher_{k}": v for k, v in self.evaluate(self.data.test, "test", self.teacher).items()})
-        summary["final"] = last_record
-        summary["train_time_s"] = round(elapsed, 3)
-        return summary
-
-
-def _cycle(batches: Batches, generator: torch.Generator):
-    """An endless stream of batches from independent shuffles (the auxiliary batch)."""
-    while True:
-        yield from batches.epoch(generator)
+        return fit(self, resume=resume)

@@ -1,0 +1,204 @@
+"""The training loop and its logging: epochs, evaluation, metrics, checkpoints.
+
+:func:`fit` runs a :class:`~kdcore.engine.trainer.Trainer` to the end of
+``run.epochs`` (or ``run.max_steps`` optimizer steps), evaluating and writing
+``metrics.jsonl``, ``steps.jsonl``, TensorBoard scalars and checkpoints
+(rank 0 only), and resumes from ``checkpoints/last.pt``, written at every
+epoch end and every ``run.checkpoint_every`` steps, to exactly the weights of
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from kdcore import config as cfg
+from kdcore.engine.batches import Batches, batch_index_lists, epoch_generator
+from kdcore.engine.meter import Meter
+from kdcore.engine.rundir import JsonLines, Scalars, atomic_torch_save, atomic_write, dumps_record
+from kdcore.errors import ConfigError
+
+
+class AuxStream:
+    """An endless stream of batches from successive shuffles (the gradient-aware
+    weighting's auxiliary batch), resumable after ``consumed`` batches."""
+
+    def __init__(self, batches: Batches, generator: torch.Generator, consumed: int = 0):
+        self.batches, self.generator, self.consumed = batches, generator, consumed
+        per_pass = max(len(batches), 1)
+        for _ in range(consumed // per_pass):  # replay the shuffles of whole passes
+            batch_index_lists(len(batches.split), batches.batch_size, batches.rank, batches.world, generator)
+        self._it = batches.epoch(generator, skip=consumed % per_pass)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._it = self.batches.epoch(self.generator)
+            batch = next(self._it)
+        self.consumed += 1
+        return batch
+
+
+def _say(trainer, text: str) -> None:
+    if not trainer.quiet and trainer.dist.is_main:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _bar(trainer, total: int, initial: int):
+    mode = "off" if trainer.quiet else trainer.config.run.progress
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    if mode != "bar" or not trainer.dist.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {trainer.epoch}/{trainer.config.run.epochs}",
+                leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _done(trainer) -> bool:
+    run = trainer.config.run
+    return trainer.epoch >= run.epochs or bool(run.max_steps and trainer.step >= run.max_steps)
+
+
+def _save_last(trainer) -> None:
+    """``last.pt`` (every rank gathers a sharded student; rank 0 writes)."""
+    if trainer.out is None:
+        return
+    state = trainer.state_dict()
+    if trainer.dist.is_main:
+        atomic_torch_save(state, trainer.out / "checkpoints" / "last.pt")
+    trainer.dist.barrier()
+
+
+def _resume(trainer) -> None:
+    last = trainer.out / "checkpoints" / "last.pt" if trainer.out is not None else None
+    if last is None or not last.exists():
+        raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
+    state = torch.load(last, map_location=trainer.device, weights_only=True)
+    if state.get("config") != cfg.dumps(trainer.config):
+        _say(trainer, "kdcore: note: the configuration differs from the checkpoint's; resuming anyway")
+    trainer.load_state_dict(state)
+    where = f", batch {trainer.batch_in_epoch} of epoch {trainer.epoch + 1}" if trainer.batch_in_epoch else ""
+    _say(trainer, f"resuming from {last} (epoch {trainer.epoch}, step {trainer.step}{where})")
+
+
+def fit(trainer, resume: bool = False) -> dict[str, Any]:
+    """Train to the end; returns the summary written to ``summary.json``."""
+    main, out = trainer.dist.is_main, trainer.out
+    metrics = JsonLines(out / "metrics.jsonl") if out is not None else None
+    steps_log = JsonLines(out / "steps.jsonl") if out is not None else None
+    if resume:
+        _resume(trainer)
+    if trainer.term_params:
+        _say(trainer, f"loss terms add {trainer.term_parameter_count:,} trainable parameters")
+    if main and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.toml", cfg.dumps(trainer.config))
+        if resume:
+            metrics.truncate_after(trainer.step)
+            steps_log.truncate_after(trainer.step)
+        else:
+            for f in (metrics.path, steps_log.path):
+                f.unlink(missing_ok=True)
+    tb = Scalars(out / "tb", purge_step=trainer.step if resume else None) if main and out is not None else None
+    started = time.perf_counter()
+    last_record: dict[str, Any] = {}
+    try:
+        while not _done(trainer):
+            trainer.epoch += 1
+            last_record = _run_epoch(trainer, metrics, steps_log, tb) or last_record
+            _save_last(trainer)
+        summary = _summary(trainer, last_record, time.perf_counter() - started)
+        if main and out is not None:
+            atomic_write(out / "summary.json", dumps_record(summary, indent=2) + "\n")
+    finally:
+        if tb is not None:
+            tb.close()
+    return summary
+
+
+def _run_epoch(trainer, metrics, steps_log, tb) -> dict[str, Any] | None:
+    run, main = trainer.config.run, trainer.dist.is_main
+    trainer.student.train()
+    skip = trainer.batch_in_epoch
+    meter = trainer.meter if skip and trainer.meter is not None else Meter()
+    trainer.meter = meter
+    aux = None
+    if trainer.weighting is not None and trainer.weighting.needs_aux_batch:
+        aux = AuxStream(trainer.batches, epoch_generator(run.seed, trainer.epoch, stream=1),
+                        trainer.aux_consumed if skip else 0)
+    bar = _bar(trainer, len(trainer.batches), skip)
+    t0 = time.perf_counter()
+    for batch in trainer.batches.epoch(epoch_generator(run.seed, trainer.epoch), skip=skip):
+        losses = trainer.train_step(batch, meter, aux)
+        trainer.batch_in_epoch += 1
+        trainer.aux_consumed = 0 if aux is None else aux.consumed
+        if bar is not None:
+            bar.update(1)
+        if trainer.step % run.log_every == 0:
+            trainer.guard.check()
+            if main and (tb is not None or steps_log is not None):
+                rec = {"epoch": trainer.epoch, "step": trainer.step,
+                       **{f"loss/{k}": float(v.detach()) for k, v in losses.items()},
+                       **{f"weight/{k}": w for k, w in trainer.objective.weights(trainer.progress()).items()}}
+                if tb is not None:
+                    tb.add({f"step/{k}": v for k, v in rec.items() if k not in ("epoch", "step")}, trainer.step)
+                if steps_log is not None:
+                    steps_log.append(rec)
+        if _done(trainer):
+            break
+        if run.checkpoint_every and trainer.step % run.checkpoint_every == 0 \
+                and trainer.batch_in_epoch < len(trainer.batches):
+            _save_last(trainer)
+    trainer.guard.check()
+    trainer.batch_in_epoch, trainer.aux_consumed, trainer.meter = 0, 0, None
+    if bar is not None:
+        bar.close()
+    means = meter.means(trainer.dist.mean)  # every rank takes part in the reduction
+    if trainer.epoch % run.eval_every and not _done(trainer):
+        return None
+    record: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, **means,
+                              **{f"weight/{k}": w for k, w in trainer.objective.weights(trainer.progress()).items()},
+                              "lr": trainer.optimizer.param_groups[0]["lr"]}
+    record.update(trainer.evaluate(trainer.data.val, "val"))
+    record["epoch_time_s"] = round(time.perf_counter() - t0, 4)
+    val_acc = record.get("val_acc")
+    if val_acc is not None and (trainer.best_val_acc is None or val_acc > trainer.best_val_acc):
+        trainer.best_val_acc, trainer.best_epoch = val_acc, trainer.epoch
+        if trainer.out is not None:
+            best = {"model": trainer.student_state(), "losses": trainer.objective.modules.state_dict(),
+                    "epoch": trainer.epoch, "step": trainer.step, "val_acc": val_acc}
+            if main:
+                atomic_torch_save(best, trainer.out / "checkpoints" / "best.pt")
+    if main:
+        if metrics is not None:
+            metrics.append(record)
+        if tb is not None:
+            tb.add({f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, trainer.step)
+        shown = "  ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in record.items()
+                          if k.startswith("loss/") or k.startswith("val_"))
+        _say(trainer, f"epoch {trainer.epoch}/{run.epochs}  {shown}  ({record['epoch_time_s']:.1f}s)")
+    return record
+
+
+def _summary(trainer, last_record, elapsed) -> dict[str, Any]:
+    summary: dict[str, Any] = {"epochs": trainer.epoch, "steps": trainer.step,
+                               "best_val_acc": trainer.best_val_acc, "best_epoch": trainer.best_epoch}
+    summary.update(trainer.evaluate(trainer.data.test, "test"))
+    if trainer.teacher is not None:
+        summary.update({f"teacher_{k}": v for k, v in
+                        trainer.evaluate(trainer.data.test, "test", trainer.teacher).items()})
+    if trainer.term_params:
+        summary["loss_term_parameters"] = trainer.term_parameter_count
+    summary["final"] = last_record
+    summary["train_time_s"] = round(elapsed, 3)
+    return summary
