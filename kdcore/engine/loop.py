@@ -64,9 +64,13 @@ def _bar(trainer, total: int, initial: int):
                 leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+def _out_of_steps(trainer) -> bool:
+    max_steps = trainer.config.run.max_steps
+    return bool(max_steps and trainer.step >= max_steps)
+
+
 def _done(trainer) -> bool:
-    run = trainer.config.run
-    return trainer.epoch >= run.epochs or bool(run.max_steps and trainer.step >= run.max_steps)
+    return trainer.epoch >= trainer.config.run.epochs or _out_of_steps(trainer)
 
 
 def _save_last(trainer) -> None:
@@ -154,7 +158,7 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> dict[str, Any] | None:
                     tb.add({f"step/{k}": v for k, v in rec.items() if k not in ("epoch", "step")}, trainer.step)
                 if steps_log is not None:
                     steps_log.append(rec)
-        if _done(trainer):
+        if _out_of_steps(trainer):
             break
         if run.checkpoint_every and trainer.step % run.checkpoint_every == 0 \
                 and trainer.batch_in_epoch < len(trainer.batches):
