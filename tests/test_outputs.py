@@ -153,7 +153,7 @@ def test_connector_trains_with_the_student_in_its_own_group(teacher, registry):
     before = hint.connector.weight.detach().clone()
     for batch in list(trainer.batches.epoch(torch.Generator().manual_seed(0)))[:3]:
         trainer.train_step(batch)
-    assert not torch.equal(before, hint.connector.weight) and float(hint.seen) == 3
+    assert not torch.equal(before, hint.connector.weight) and float(hint.visits.sum()) == 3 * 32
 
 
 def test_hint_run_checkpoints_and_resumes_bitwise_mid_epoch(tmp_path, teacher, registry, monkeypatch, capsys):
@@ -180,7 +180,8 @@ def test_hint_run_checkpoints_and_resumes_bitwise_mid_epoch(tmp_path, teacher, r
     for part in ("model", "losses"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    assert float(b["losses"]["hint.seen"]) == 51
+    assert torch.equal(b["losses"]["hint.visits"], torch.full((600,), 3.0, dtype=torch.float64).index_fill(
+        0, torch.arange(540, 600), 0.0))  # every training sample seen once per epoch
     records = [[{k: v for k, v in json.loads(line).items() if k != "epoch_time_s"}
                 for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "cut")]
     assert records[0] == records[1]  # the interrupted epoch's means include the steps before the cut
@@ -198,3 +199,23 @@ def test_cli_finds_the_plugin_and_reports_a_bad_tap_in_one_line(tmp_path, site, 
     assert out.returncode == 2, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "Warning" not in ln]
     assert len(lines) == 1 and "loss[2]: teacher tap 'net.7'" in lines[0] and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_ddp_keeps_connectors_and_banks_in_step_and_batch_level_terms_see_the_local_batch(tmp_path, site, teacher):
+    conf = hint_config(teacher, epochs=1, device="cpu")
+    conf["loss"].append({"name": "rows_seen"})
+    path = tmp_path / "s.toml"
+    path.write_text(tomli_w.dumps(conf))
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    env.pop("KDCORE_PLUGINS", None)
+    for world, out in ((1, "one"), (2, "two")):
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={world}",
+               "-m", "kdcore", "train", str(path), "--out", str(tmp_path / out), "--quiet"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("one", "two"))
+    for k in ("hint.connector.weight", "hint.connector.bias"):
+        torch.testing.assert_close(two["losses"][k], one["losses"][k], rtol=1e-4, atol=1e-5)
+    assert torch.equal(two["losses"]["hint.visits"], one["losses"]["hint.visits"])  # updates of both ranks
+    assert int(one["losses"]["rows_seen.rows"]) == 32 and int(two["losses"]["rows_seen.rows"]) == 16
