@@ -2,39 +2,55 @@
 
 Exit status: 0 on success, 2 for a usage or configuration error (one line, no
 traceback), 1 for a failure while running (``--debug`` or ``KDCORE_DEBUG=1``
-shows the traceback), 130 when interrupted.
+shows the traceback), 130 when interrupted (SIGINT), 143 when terminated
+(SIGTERM, as schedulers send): both leave a run that continues with ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
+import signal
 import sys
 import traceback
 import warnings
 from collections.abc import Sequence
 
 from kdcore import __version__
-from kdcore.errors import ConfigError, PluginError, UnknownComponentError
+from kdcore.env import env_flag
+from kdcore.errors import ConfigError, PluginError, RunFailure, UnknownComponentError
 from kdcore.hookspecs import KINDS
 
 
-def _cmd_train(args) -> int:
-    from kdcore.engine import train
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds like an interrupt."""
 
-    summary = train(args.config, args.out, args.set, resume=args.resume, quiet=args.quiet)
+
+def _cmd_train(args) -> int:
+    from kdcore.engine import default_out_dir, train
+
+    out = default_out_dir(args.config) if args.out is None else args.out
+    summary = train(args.config, out, args.set, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     best = summary.get("best_val_acc")
     print(f"done: test_acc {summary.get('test_acc', float('nan')):.4f}"
           + (f", best val_acc {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")
-          + f"; run directory {args.out or 'runs/' + os.path.splitext(os.path.basename(args.config))[0]}")
+          + f"; run directory {out}")
     return 0
 
 
 def _cmd_demo(args) -> int:
     from kdcore.demo import run_demo
+    from kdcore.engine.rundir import check_out, clear_run, holds_run
 
-    run_demo(args.out, quiet=args.quiet)
+    out = check_out(args.out)
+    earlier = [d for d in sorted(out.iterdir()) if d.is_dir() and holds_run(d)] if out.is_dir() else []
+    if earlier and not args.overwrite:
+        raise ConfigError(f"--out: {out} holds an earlier demo ({', '.join(d.name for d in earlier)}); "
+                          "replace it with --overwrite or choose another --out")
+    for d in earlier:
+        clear_run(d)
+    run_demo(out, quiet=args.quiet)
     return 0
 
 
@@ -92,11 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key, e.g. --set run.epochs=5 --set loss[1].temperature=2")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the results of an earlier run in <out> (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("demo", help="teacher + students on the embedded gaussian_mixture data (offline)")
     p.add_argument("--out", default="runs/demo", help="where the demo's runs go (default: runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="delete the runs of an earlier demo in <out>")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     p.set_defaults(handler=_cmd_demo)
 
@@ -122,24 +141,53 @@ def _add_plugin_commands(sub) -> None:
             print(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}", file=sys.stderr)
 
 
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the command runs, SIGTERM raises :class:`Terminated` (main thread only)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
-    parser, sub = build_parser()
-    debug = os.environ.get("KDCORE_DEBUG", "") not in ("", "0")
+    debug = False
     try:
-        _add_plugin_commands(sub)
-        args = parser.parse_args(argv)
-        debug = debug or args.debug
-        if args.command is None:
-            parser.print_help()
-            return 2
-        return int(args.handler(args) or 0)
+        with _sigterm_unwinds():
+            debug = env_flag("KDCORE_DEBUG")
+            parser, sub = build_parser()
+            _add_plugin_commands(sub)
+            args = parser.parse_args(argv)
+            debug = debug or args.debug
+            if args.command is None:
+                parser.print_help()
+                return 2
+            return int(args.handler(args) or 0)
     except (ConfigError, UnknownComponentError) as exc:
         print(f"kdcore: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("kdcore: terminated by SIGTERM (a training run continues with --resume)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("kdcore: interrupted (a training run continues with --resume)", file=sys.stderr)
         return 130
+    except RunFailure as exc:
+        print(f"kdcore: failed: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return 1
     except PluginError as exc:
         print(f"kdcore: plugin error: {exc}", file=sys.stderr)
         if debug:

@@ -5,6 +5,12 @@ path (``loss[1].temperature: must be > 0``). Tables that name a component
 (``[data]``, ``[teacher]``, ``[student]``, ``[[loss]]``, ``[weighting]``) pass
 their other keys to it as parameters; those are checked against the
 component's signature by :func:`check_components`.
+
+Limits against configs that would exhaust memory or the stack (all exit 2
+naming the key path): a config file of at most 16 MiB, tables and lists
+nested at most 32 deep, lists of at most 10,000 entries, integers within
++-(2**31 - 1) (sizes, counts, steps) except seeds (keys named ``seed``),
+which are in 0 .. 2**63 - 1.
 """
 
 from __future__ import annotations
@@ -21,6 +27,17 @@ import tomli_w
 
 from kdcore.errors import ConfigError, UnknownComponentError
 from kdcore.registry import Registry, check_parameters
+
+MAX_FILE_BYTES = 16 * 2**20
+MAX_DEPTH = 32
+MAX_LIST = 10_000
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**63 - 1
+
+#: Parameter names of ``[data]``, ``[teacher]`` and ``[student]`` that hold paths:
+#: made absolute on load, so the run directory's config.toml runs from anywhere.
+PATH_KEYS = frozenset({"path", "root", "dir", "file", "store", "checkpoint", "tokenizer"})
+PATH_SUFFIXES = ("_path", "_dir", "_file", "_root")
 
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 
@@ -62,6 +79,10 @@ class RunConfig:
     log_every: int = _field(int, 50, _positive)
     deterministic: bool = _field(bool, True)
     progress: str = _field(str, "auto", choices=("auto", "bar", "lines", "off"))
+    accumulate: int = _field(int, 1, _positive)       # micro-batches per optimizer step
+    max_steps: int = _field(int, 0, _non_negative)    # > 0: stop after this many optimizer steps
+    checkpoint_every: int = _field(int, 0, _non_negative)  # > 0: also write last.pt every N steps
+    strategy: str = _field(str, "ddp", choices=("ddp", "fsdp"))  # under torchrun
 
 
 @attrs.define
@@ -76,6 +97,8 @@ class OptimConfig:
     milestones: list = _field(list, attrs.Factory(list))
     gamma: float = _field(float, 0.1, _positive)
     min_lr: float = _field(float, 0.0, _non_negative)
+    warmup_steps: int = _field(int, 0, _non_negative)   # linear learning-rate warm-up (steps)
+    clip_grad_norm: float = _field(float, 0.0, _non_negative)  # > 0: clip the global gradient norm
 
 
 @attrs.define
@@ -189,9 +212,63 @@ def _loss_term(path: str, table: Any) -> LossTermConfig:
     return LossTermConfig(comp.name, weight, schedule, term_id, p)
 
 
+def _key_path(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else str(key)
+
+
+def check_limits(value: Any, path: str = "", depth: int = 0) -> None:
+    """Refuse nesting, list lengths and integers beyond the documented limits (see the module doc)."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            check_limits(item, _key_path(path, key), depth + 1)
+    elif isinstance(value, list):
+        if len(value) > MAX_LIST:
+            raise ConfigError(f"{path}: a list of {len(value):,} entries is longer than the limit of {MAX_LIST:,}")
+        for i, item in enumerate(value):
+            check_limits(item, _key_path(path, i), depth + 1)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if path.rsplit(".", 1)[-1] == "seed":
+            if not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"{path}: must be in 0 .. 2**63 - 1, got {value}")
+        elif abs(value) > MAX_INT:
+            raise ConfigError(f"{path}: {value} is beyond the limit of +-(2**31 - 1) for sizes and counts")
+
+
+def _is_path_key(key: str) -> bool:
+    return key in PATH_KEYS or key.endswith(PATH_SUFFIXES)
+
+
+def _absolute(value: str, source: Path | None) -> str:
+    """An existing path made absolute: as given, else next to the config file; others unchanged."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return value
+    for candidate in (p, source.parent / p if source is not None else None):
+        if candidate is not None and candidate.exists():
+            return str(candidate.resolve())
+    return value
+
+
+def resolve_paths(raw: dict[str, Any], source: Path | None) -> dict[str, Any]:
+    """Make the existing paths in ``[data]``, ``[teacher]`` and ``[student]`` absolute (in place)."""
+    for section in ("data", "teacher", "student"):
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key, value in table.items():
+            if isinstance(value, str) and value and _is_path_key(key):
+                table[key] = _absolute(value, source)
+    return raw
+
+
 def from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     """Build and validate a :class:`Config` from a parsed TOML mapping."""
     raw = _table("config", raw)
+    check_limits(raw)
     for key in raw:
         if key not in _SECTIONS:
             raise ConfigError(f"{key}: unknown section (sections: {', '.join(_SECTIONS)})")
@@ -277,6 +354,8 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word is a string
+    except RecursionError:
+        raise ConfigError(f"--set value {text[:40]!r}...: nested more than {MAX_DEPTH} levels deep") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -316,7 +395,10 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read a TOML config file, apply overrides and validate its structure."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: config file of {path.stat().st_size:,} bytes is larger than "
+                              f"the limit of {MAX_FILE_BYTES:,}")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is fine
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
@@ -325,7 +407,9 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return from_dict(apply_overrides(raw, overrides), source=path)
+    except RecursionError:
+        raise ConfigError(f"{path}: tables or lists nested more than {MAX_DEPTH} levels deep") from None
+    return from_dict(resolve_paths(apply_overrides(raw, overrides), path), source=path)
 
 
 def check_components(config: Config, registry: Registry) -> None:

@@ -1,7 +1,9 @@
 """Exceptions raised by kdcore.
 
 They separate a user's mistake (``ConfigError``, ``UnknownComponentError``:
-the CLI prints one line and exits 2) from a broken plugin (``PluginError``).
+the CLI prints one line and exits 2) from a broken plugin (``PluginError``)
+and from a failure while running that its message fully explains
+(``RunFailure``: one line, exit 1).
 """
 
 from __future__ import annotations
@@ -51,4 +53,21 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int, term: str, value: float):
         super().__init__(f"step {step}: loss term {term!r} is {value} (non-finite); the run stopped and "
                          "kept its last finite checkpoint (lower optim.lr, or set optim.clip_grad_norm)")
+        self.step, self.term, self.value = step, term, value
+
+
+class RunFailure(RuntimeError):
+    """A failure while running that one line explains (the CLI exits 1, no traceback hint)."""
+
+
+class DamagedCheckpoint(RunFailure):
+    """A checkpoint file that cannot be read: empty, truncated, not a kdcore checkpoint."""
+
+
+class NonFiniteLoss(RunFailure):
+    """A loss term (or gradient norm) that is NaN or infinite at an optimizer step."""
+
+    def __init__(self, step: int, term: str, value: float):
+        super().__init__(f"step {step}: {term} is {value} (non-finite); the run stopped "
+                         "and checkpoints/last.pt keeps the last finite state")
         self.step, self.term, self.value = step, term, value

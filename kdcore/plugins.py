@@ -2,10 +2,12 @@
 
 The built-in plugin always loads. Third-party plugins come from the entry
 points of group ``kdcore``; ``KDCORE_PLUGINS`` (comma list of entry-point
-names, empty for none) restricts them. A plugin that fails to import, uses an
+names, empty for none) restricts them, and a name in it that no installed
+plugin has is a :class:`PluginWarning`. A plugin that fails to import, uses an
 unknown hook or raises while registering is reported in
 ``Registry.failed`` (and as a :class:`PluginWarning`) and skipped;
-``KDCORE_STRICT_PLUGINS=1`` makes any such failure fatal.
+``KDCORE_STRICT_PLUGINS=1`` makes any such failure fatal (and an unknown name
+in ``KDCORE_PLUGINS`` a :class:`kdcore.ConfigError`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 import pluggy
 
 from kdcore import hookspecs
-from kdcore.errors import DuplicateComponentError, PluginError
+from kdcore.env import env_flag
+from kdcore.errors import ConfigError, DuplicateComponentError, PluginError
 from kdcore.registry import Component, FailedPlugin, PluginInfo, Registry
 
 ENTRY_POINT_GROUP = "kdcore"
@@ -39,8 +42,17 @@ def _allow_list(env: Mapping[str, str]) -> set[str] | None:
     return {n.strip() for n in raw.split(",") if n.strip()}
 
 
-def _strict(env: Mapping[str, str]) -> bool:
-    return env.get("KDCORE_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+def _check_allow_list(allow: set[str] | None, entry_points: list[md.EntryPoint], strict: bool) -> None:
+    """Warn (or, when strict, fail) about ``KDCORE_PLUGINS`` names that no installed plugin has."""
+    installed = {ep.name for ep in entry_points} | {BUILTIN}
+    unknown = sorted((allow or set()) - installed)
+    if not unknown:
+        return
+    message = (f"KDCORE_PLUGINS: no installed plugin is named {', '.join(map(repr, unknown))} "
+               f"(installed: {', '.join(sorted(installed - {BUILTIN})) or 'none'})")
+    if strict:
+        raise ConfigError(message)
+    warnings.warn(f"kdcore: {message}", PluginWarning, stacklevel=3)
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -106,9 +118,9 @@ def load_registry(env: Mapping[str, str] | None = None,
     from kdcore.builtin import plugin as builtin_plugin
 
     env = os.environ if env is None else env
-    allow, strict = _allow_list(env), _strict(env)
-    if entry_points is None:
-        entry_points = md.entry_points(group=ENTRY_POINT_GROUP)
+    allow, strict = _allow_list(env), env_flag("KDCORE_STRICT_PLUGINS", env)
+    entry_points = list(md.entry_points(group=ENTRY_POINT_GROUP) if entry_points is None else entry_points)
+    _check_allow_list(allow, entry_points, strict)
 
     pm = new_plugin_manager()
     table: dict[str, dict[str, Component]] = {}

@@ -40,28 +40,46 @@ def resolve_path(path: str, config_source: Path | None) -> Path:
     return p
 
 
-def _why_unreadable(path: Path, exc: BaseException) -> str:
-    """What is wrong with a file that ``torch.load`` refused, in a few words."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if path.stat().st_size == 0:
+def _format_problem(path: Path) -> str | None:
+    """What is wrong with the file's format, found without unpickling anything (None: looks fine)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
         return "the file is empty"
-    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
-        return f"it holds objects other than tensors, refused by weights_only=True ({text})"
-    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text or "zip archive" in text:
-        return f"the file is truncated or not a PyTorch checkpoint ({type(exc).__name__}: {text})"
-    if isinstance(exc, pickle.UnpicklingError) or "load key" in text:
-        return f"not a PyTorch checkpoint ({text})"
-    return f"{type(exc).__name__}: {text}"
+    if head.startswith(b"PK"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            return f"the file is truncated or damaged ({exc})"
+        return None
+    if head[:1] == b"\x80":  # the legacy pickle-based format
+        return None
+    return "not a PyTorch checkpoint (it does not start like one)"
+
+
+def _why_unreadable(exc: BaseException) -> str:
+    """What ``torch.load`` refused, in one line."""
+    message = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in message:
+        found = [line.strip() for line in message.splitlines() if "Unsupported" in line]
+        return "it holds objects other than tensors, refused by weights_only=True" + (
+            f" ({found[0].split('. ')[0]})" if found else "")
+    first = message.splitlines()[0].split(". ")[0] if message else ""
+    return f"the file is truncated or damaged ({type(exc).__name__}{': ' + first if first else ''})"
 
 
 def read_checkpoint(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; ``ValueError`` with the reason on failure."""
+    if path.is_dir():
+        raise ValueError("it is a directory, not a file")
+    problem = _format_problem(path)
+    if problem:
+        raise ValueError(problem)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except IsADirectoryError:
-        raise ValueError("it is a directory, not a file") from None
-    except Exception as exc:  # pickle errors, truncated files, text, non-weights content
-        raise ValueError(_why_unreadable(path, exc)) from None
+    except Exception as exc:  # pickle errors, damaged members, non-weights content
+        raise ValueError(_why_unreadable(exc)) from None
 
 
 def load_state_dict(path: Path, section: str) -> dict[str, Any]:
