@@ -47,15 +47,6 @@ class DuplicateComponentError(PluginError):
     """Two plugins registered the same name for one kind."""
 
 
-class NonFiniteLoss(RuntimeError):
-    """A training step produced a non-finite loss (exit 1; the last finite checkpoint is kept)."""
-
-    def __init__(self, step: int, term: str, value: float):
-        super().__init__(f"step {step}: loss term {term!r} is {value} (non-finite); the run stopped and "
-                         "kept its last finite checkpoint (lower optim.lr, or set optim.clip_grad_norm)")
-        self.step, self.term, self.value = step, term, value
-
-
 class RunFailure(RuntimeError):
     """A failure while running that one line explains (the CLI exits 1, no traceback hint)."""
 
@@ -65,9 +56,9 @@ class DamagedCheckpoint(RunFailure):
 
 
 class NonFiniteLoss(RunFailure):
-    """A loss term (or gradient norm) that is NaN or infinite at an optimizer step."""
+    """A training step produced a non-finite loss (exit 1; the last finite checkpoint is kept)."""
 
     def __init__(self, step: int, term: str, value: float):
-        super().__init__(f"step {step}: {term} is {value} (non-finite); the run stopped "
-                         "and checkpoints/last.pt keeps the last finite state")
+        super().__init__(f"step {step}: loss term {term!r} is {value} (non-finite); the run stopped and "
+                         "kept its last finite checkpoint (lower optim.lr, or set optim.clip_grad_norm)")
         self.step, self.term, self.value = step, term, value

@@ -152,14 +152,18 @@ def check_resume(state: Mapping[str, Any], config: Config, model: nn.Module | No
     """Refuse (:class:`ConfigError`) a resume that ``config`` cannot continue.
 
     ``state`` is the :func:`load_checkpoint` of ``path``. Refused: no epochs
-    left to train (which would replace the summary with an empty one),
+    or steps left to train (which would replace the summary with an empty one),
     another optimizer, and a student whose parameters do not fit the
     checkpoint's.
     """
     done, epochs = int(state["epoch"]), config.run.epochs
     if epochs <= done:
-        raise ConfigError(f"run.epochs: {epochs} leaves nothing to train after the {done} epochs {path} "
-                          f"has done; resume with run.epochs > {done}")
+        raise ConfigError(f"run.epochs: {epochs} leaves nothing to train: {path} has done {done} "
+                          f"epoch(s); resume with run.epochs > {done}")
+    steps, max_steps = int(state["step"]), config.run.max_steps
+    if max_steps and max_steps <= steps:
+        raise ConfigError(f"run.max_steps: {max_steps} leaves nothing to train: {path} has done {steps} "
+                          f"step(s); resume with run.max_steps > {steps} (or 0)")
     before = _saved_optimizer(state)
     if before is not None and before != config.optim.name:
         raise ConfigError(f"optim.name: {path} was trained with {before!r}, not {config.optim.name!r}; "
