@@ -105,3 +105,14 @@ def test_demo_runs_offline(tmp_path):
         acc = float(line.split()[-2])
         assert 0.5 < acc <= 1.0  # 3 balanced classes: chance is 1/3
     assert list((tmp_path / "demo" / "student-kd" / "tb").glob("events.*"))
+
+
+def test_rerun_into_a_finished_run_needs_overwrite(tmp_path):
+    conf = write(tmp_path / "t.toml", runs.teacher_config(epochs=1))
+    assert kdcore_cli("train", str(conf), "--out", str(tmp_path / "t"), "--quiet").returncode == 0
+    best = (tmp_path / "t" / "checkpoints" / "best.pt").read_bytes()
+    out = kdcore_cli("train", str(conf), "--out", str(tmp_path / "t"), "--quiet")
+    assert out.returncode == 2 and "--resume" in out.stderr and "--overwrite" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "t" / "checkpoints" / "best.pt").read_bytes() == best
+    assert "--overwrite" in kdcore_cli("train", "--help").stdout

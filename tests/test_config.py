@@ -109,3 +109,45 @@ def test_term_ids_are_unique():
     with pytest.raises(ConfigError, match=r"loss\[1\]\.id: 'a' is used by more than one term"):
         cfg.from_dict({"data": {"name": "g"}, "student": {"backbone": "mlp"},
                        "loss": [{"name": "kd", "id": "a"}, {"name": "ce", "id": "a"}]})
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_bytes(b"\xef\xbb\xbf" + (BASE + TEACHER).encode())
+    assert cfg.load(p).run.epochs == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[run]\nseed = 99999999999999999999\n", r"^run\.seed: must be in 0 \.\. 2\*\*63 - 1"),
+    ("[optim]\nmilestones = [" + ", ".join(["1"] * 10_001) + "]\n",
+     r"^optim\.milestones: a list of 10,001 entries is longer than the limit of 10,000"),
+    ("[weighting]\nname = 'x'\nsizes = [[3000000000]]\n", r"^weighting\.sizes\[0\]\[0\]: 3000000000 is beyond"),
+    ("[weighting]\nname = 'x'\nv = " + "[" * 40 + "]" * 40 + "\n", r"^weighting\.v(\[0\])+: nested more than 32"),
+    ("[weighting]\nname = 'x'\nv = " + "[" * 600 + "]" * 600 + "\n", r"c\.toml: tables or lists nested more"),
+])
+def test_limits_name_the_key(tmp_path, extra, message):
+    text = BASE.replace("[run]\nepochs = 2\n", "") if extra.startswith("[run]") else BASE
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, text + TEACHER + extra)
+
+
+def test_limits_apply_to_mappings_and_seeds_up_to_2_63():
+    base = {"data": {"name": "gaussian_mixture", "seed": 2**63 - 1}, "student": {"backbone": "mlp"},
+            "loss": [{"name": "ce"}], "run": {"seed": 2**63 - 1}}
+    assert cfg.from_dict(base).run.seed == 2**63 - 1
+    with pytest.raises(ConfigError, match=r"^student\.hidden: a list of 20,000 entries"):
+        cfg.from_dict({**base, "student": {"backbone": "mlp", "hidden": [1] * 20_000}})
+
+
+def test_existing_paths_become_absolute(tmp_path, monkeypatch):
+    (tmp_path / "cfgs" / "data").mkdir(parents=True)
+    (tmp_path / "cfgs" / "t.pt").write_bytes(b"")
+    (tmp_path / "cfgs" / "c.toml").write_text(
+        BASE.replace('name = "gaussian_mixture"', 'name = "gaussian_mixture"\nroot = "data"\nsplit_name = "data"')
+        + '[teacher]\nbackbone = "mlp"\ncheckpoint = "t.pt"\n')
+    monkeypatch.chdir(tmp_path)
+    conf = cfg.load("cfgs/c.toml")
+    assert conf.teacher.checkpoint == str((tmp_path / "cfgs" / "t.pt").resolve())
+    assert conf.data.params["root"] == str((tmp_path / "cfgs" / "data").resolve())
+    assert conf.data.params["split_name"] == "data"  # not a path key: unchanged
+    assert cfg.load(tmp_path / "cfgs" / "c.toml", ["teacher.checkpoint=missing.pt"]).teacher.checkpoint == "missing.pt"
