@@ -32,9 +32,11 @@ def _cmd_train(args) -> int:
 
     out = default_out_dir(args.config) if args.out is None else args.out
     summary = train(args.config, out, args.set, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    from kdcore.engine.loop import summary_line
+
     best = summary.get("best_val_acc")
-    print(f"done: test_acc {summary.get('test_acc', float('nan')):.4f}"
-          + (f", best val_acc {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")
+    print(summary_line(summary)
+          + (f"; best val_acc {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")
           + f"; run directory {out}")
     return 0
 

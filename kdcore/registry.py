@@ -15,6 +15,7 @@ import attrs
 
 from kdcore.errors import ConfigError, UnknownComponentError
 from kdcore.hookspecs import KINDS
+from kdcore.imports import is_python_ref, resolve
 
 
 @attrs.frozen
@@ -103,14 +104,23 @@ class Registry:
     failed: tuple[FailedPlugin, ...] = ()
     #: the pluggy manager, for hooks other than registration (e.g. commands)
     hooks: Any = attrs.field(default=None, eq=False, repr=False)
+    #: folders searched first for ``python:MODULE:ATTRIBUTE`` components (a config's folder)
+    search_path: tuple[str, ...] = ()
+
+    def searching(self, *folders: str) -> "Registry":
+        """This registry, resolving ``python:`` components in ``folders`` first."""
+        return attrs.evolve(self, search_path=tuple(dict.fromkeys((*folders, *self.search_path))))
 
     def available(self, kind: str) -> list[str]:
         """Sorted names registered for ``kind``."""
         return sorted(self.components.get(check_kind(kind), {}))
 
     def get(self, kind: str, name: str) -> Component:
-        """The component registered as ``name`` for ``kind``."""
+        """The component registered as ``name`` for ``kind``, or the user's code
+        that ``python:MODULE:ATTRIBUTE`` names (:mod:`kdcore.imports`)."""
         table = self.components.get(check_kind(kind), {})
+        if is_python_ref(name):
+            return Component(kind, name, resolve(name, self.search_path), plugin="python")
         if not isinstance(name, str) or name not in table:
             raise UnknownComponentError(kind, str(name), sorted(table))
         return table[name]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdcore.builtin import backbones, datasets, divergences, losses, schedulers, transforms
+from kdcore.builtin import backbones, datasets, divergences, files, losses, schedulers, transforms
 from kdcore.hookspecs import hookimpl
 
 
@@ -40,3 +40,6 @@ def register_backbones(register):
 @hookimpl
 def register_datasets(register):
     register("gaussian_mixture", datasets.gaussian_mixture)
+    register("tensors", files.tensors)
+    register("csv", files.csv)
+    register("hf_disk", files.hf_disk)

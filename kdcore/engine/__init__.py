@@ -27,6 +27,8 @@ def build_trainer(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: 
         conf = cfg.from_dict(cfg.apply_overrides(copy.deepcopy(dict(config)), overrides))
     else:
         conf = cfg.load(config, overrides)
+    if conf.source is not None:  # python:MODULE:ATTRIBUTE components live beside the config first
+        registry = registry.searching(str(Path(conf.source).resolve().parent))
     cfg.check_components(conf, registry)
     return Trainer(conf, out_dir, registry, quiet=quiet)
 

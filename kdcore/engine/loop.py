@@ -195,14 +195,36 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> dict[str, Any] | None:
 
 
 def _summary(trainer, last_record, elapsed) -> dict[str, Any]:
+    """Final and best metrics; the student and the teacher are evaluated on the test
+    split, or on the validation split where there is no test split (``report_split``)."""
     summary: dict[str, Any] = {"epochs": trainer.epoch, "steps": trainer.step,
                                "best_val_acc": trainer.best_val_acc, "best_epoch": trainer.best_epoch}
-    summary.update(trainer.evaluate(trainer.data.test, "test"))
-    if trainer.teacher is not None:
-        summary.update({f"teacher_{k}": v for k, v in
-                        trainer.evaluate(trainer.data.test, "test", trainer.teacher).items()})
+    data = trainer.data
+    report, split = ("test", data.test) if data.test is not None else ("val", data.val)
+    summary["report_split"] = report if split is not None else None
+    if split is not None:
+        summary.update(trainer.evaluate(split, report))
+        if trainer.teacher is not None:
+            summary.update({f"teacher_{k}": v for k, v in trainer.evaluate(split, report, trainer.teacher).items()})
     if trainer.term_params:
         summary["loss_term_parameters"] = trainer.term_parameter_count
     summary["final"] = last_record
     summary["train_time_s"] = round(elapsed, 3)
     return summary
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The run's last line: the student's accuracy (and distance to the truth where
+    known) next to the teacher's, on the split the summary reports."""
+    split = summary.get("report_split")
+    if split is None:
+        return "done: no test or validation split to evaluate on"
+    parts = []
+    for who, prefix in (("student", ""), ("teacher", "teacher_")):
+        acc = summary.get(f"{prefix}{split}_acc")
+        if acc is None:
+            continue
+        tv = summary.get(f"{prefix}{split}_tv")
+        parts.append(f"{who} {split}_acc {acc:.4f}" + ("" if tv is None else f" (tv to the truth {tv:.4f})"))
+    note = "" if split == "test" else " (no test split: validation split)"
+    return "done: " + ", ".join(parts) + note
