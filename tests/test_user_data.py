@@ -42,7 +42,7 @@ def test_tensors_from_npz_pt_and_npy(tmp_path):
     np.save(tmp_path / "y.npy", y)
     for splits in (data("tensors", path=str(tmp_path / "d.npz"), split=[0.5, 0.25, 0.25]),
                    data("tensors", path=str(tmp_path / "d.pt"), split=[0.5, 0.25, 0.25]),
-                   data("tensors", inputs=str(tmp_path / "x.npy"), targets=str(tmp_path / "y.npy"),
+                   data("tensors", inputs_path=str(tmp_path / "x.npy"), targets_path=str(tmp_path / "y.npy"),
                         split=[0.5, 0.25, 0.25])):
         assert (len(splits.train), len(splits.val), len(splits.test)) == (100, 50, 50)
         assert splits.num_classes == 3 and splits.input_shape == (5,)
@@ -207,3 +207,22 @@ def test_teacher_accuracy_is_reported_next_to_the_students(tmp_path):
     line = summary_line(summary)
     assert summary["report_split"] == "test" and "teacher_test_acc" in summary
     assert line.startswith("done: student test_acc ") and ", teacher test_acc " in line and "tv to the truth" in line
+
+
+# -- the examples -------------------------------------------------------------------------------
+USER_EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "user_data"
+
+
+@pytest.mark.parametrize("name", ["csv", "npz", "hf_disk", "python_model"])
+def test_user_data_examples_run(tmp_path, name):
+    if name == "hf_disk":
+        pytest.importorskip("datasets")
+    import shutil
+
+    for f in USER_EXAMPLES.iterdir():
+        if f.suffix in (".toml", ".py"):
+            shutil.copy(f, tmp_path / f.name)
+    subprocess.run([sys.executable, str(tmp_path / "make_files.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True, timeout=120)
+    summary = kdcore.train(tmp_path / f"{name}.toml", tmp_path / "run", ["run.epochs=2"], quiet=True)
+    assert summary["report_split"] == "test" and summary["test_acc"] > 0.5

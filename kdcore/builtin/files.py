@@ -140,7 +140,7 @@ def _read_npy(name: str, path: Path):
         raise ConfigError(f"{name}: cannot read {path} ({first})") from None
 
 
-def tensors(path: str | None = None, inputs: str | None = None, targets: str | None = None,
+def tensors(path: str | None = None, inputs_path: str | None = None, targets_path: str | None = None,
             val_path: str | None = None, test_path: str | None = None, inputs_key: str | None = None,
             targets_key: str | None = None, split: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
             num_classes: int | None = None) -> DataSplits:
@@ -148,20 +148,21 @@ def tensors(path: str | None = None, inputs: str | None = None, targets: str | N
     ``weights_only=True``) or ``.npz`` file holding a mapping (keys ``inputs`` /
     ``x`` / ``features`` and ``targets`` / ``y`` / ``labels``, or named with
     ``inputs_key`` / ``targets_key``) or an ``(inputs, targets)`` pair, or from
-    two ``.npy`` files (``inputs``, ``targets``). Splits: ``val_path`` /
+    two ``.npy`` files (``inputs_path``, ``targets_path``). Splits: ``val_path`` /
     ``test_path`` files of the same form, or else ``split`` fractions."""
-    if (path is None) == (inputs is None and targets is None):
-        raise ConfigError("path: give either path (a .pt / .npz file) or inputs and targets (.npy files)")
+    if (path is None) == (inputs_path is None and targets_path is None):
+        raise ConfigError("path: give either path (a .pt / .npz file) or inputs_path and targets_path (.npy files)")
     if path is not None:
         p = _existing("path", path)
         x, y = _read_tensors("path", p, inputs_key, targets_key)
         origin = str(p)
     else:
-        if inputs is None or targets is None:
-            raise ConfigError("targets: .npy inputs need a targets file too" if targets is None
-                              else "inputs: .npy targets need an inputs file too")
-        x, y = _read_npy("inputs", _existing("inputs", inputs)), _read_npy("targets", _existing("targets", targets))
-        origin = str(inputs)
+        if inputs_path is None or targets_path is None:
+            raise ConfigError("targets_path: .npy inputs need a targets file too" if targets_path is None
+                              else "inputs_path: .npy targets need an inputs file too")
+        x = _read_npy("inputs_path", _existing("inputs_path", inputs_path))
+        y = _read_npy("targets_path", _existing("targets_path", targets_path))
+        origin = str(inputs_path)
     x = _inputs(f"{origin}: inputs", x)
     y, classes = _labels(f"{origin}: targets", y, num_classes)
     if x.shape[0] != y.shape[0]:
