@@ -366,6 +366,26 @@ BUILTIN_COMPONENTS = sorted((c.kind, c.name) for info in default_registry().plug
                             if info.name == BUILTIN for c in info.components)
 #: parameters that keep creation cheap or that the kind's contract requires
 CREATE_PARAMS = {("dataset", "gaussian_mixture"): {"n": 64}}
+
+
+def file_dataset_params(name, folder):
+    """Parameters of the datasets that read local files, with a small file written into ``folder``."""
+    import numpy as np
+
+    x, y = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32), np.arange(40) % 2
+    if name == "tensors":
+        np.savez(folder / "d.npz", x=x, y=y)
+        return {"path": str(folder / "d.npz")}
+    if name == "csv":
+        rows = "\n".join(f"{a},{b},{c},{t}" for (a, b, c), t in zip(x, y))
+        (folder / "d.csv").write_text("a,b,c,label\n" + rows + "\n")
+        return {"path": str(folder / "d.csv")}
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"inputs": x.tolist(), "label": y.tolist()}).save_to_disk(str(folder / "hf"))
+    return {"path": str(folder / "hf")}
+
+
+FILE_DATASETS = ("tensors", "csv", "hf_disk")
 #: input shape per built-in backbone (mlp's default in_features)
 BACKBONE_INPUT = {"mlp": (30,)}
 
@@ -430,8 +450,10 @@ def check_dataset(data):
 
 
 @pytest.mark.parametrize(("kind", "name"), BUILTIN_COMPONENTS, ids=[f"{k}-{n}" for k, n in BUILTIN_COMPONENTS])
-def test_builtin_component_with_defaults(kind, name):
+def test_builtin_component_with_defaults(kind, name, tmp_path):
     params = dict(CREATE_PARAMS.get((kind, name), {}))
+    if kind == "dataset" and name in FILE_DATASETS:
+        params = file_dataset_params(name, tmp_path)
     if kind == "backbone":
         params["num_classes"] = 5
     obj = kdcore.create(kind, name, **params)
