@@ -61,7 +61,8 @@ def check_disjoint(a: torch.Tensor, b: torch.Tensor) -> None:
 def run_seed(seed: int, out: Path, say) -> dict:
     teacher_conf = config("ptloss_teacher.toml")
     say(f"[seed {seed}] teacher")
-    kdcore.train(teacher_conf, out_dir=out / "teacher", overrides=[f"run.seed={seed}"], quiet=True)
+    kdcore.train(teacher_conf, out_dir=out / "teacher", overrides=[f"run.seed={seed}"], quiet=True,
+                 overwrite=True)
     ckpt = (out / "teacher" / "checkpoints" / "last.pt").resolve()
     data = dataset(config(METHODS["KD"]))                  # the students' (distillation) data
     check_disjoint(dataset(teacher_conf).train.inputs, data.train.inputs)
@@ -92,7 +93,8 @@ def run_seed(seed: int, out: Path, say) -> dict:
         if method == "PTLoss":
             overrides.append(f"loss[0].eps={third.eps}")
         say(f"[seed {seed}] {method}")
-        summary = kdcore.train(config(file), out_dir=out / method.lower(), overrides=overrides, quiet=True)
+        summary = kdcore.train(config(file), out_dir=out / method.lower(), overrides=overrides, quiet=True,
+                               overwrite=True)
         rows[method] = {"test_acc": summary["test_acc"], "test_l2": summary["test_l2"],
                         "target_l2": l2_to_posterior(supervision[method], post)}
     return rows

@@ -101,7 +101,7 @@ def main() -> int:
         return 2
     out = Path(args.out)
     print(f"[compare] teacher -> {out / 'teacher'}", file=sys.stderr)
-    teacher = kdcore.train(copy.deepcopy(TEACHER), out / "teacher", quiet=True)
+    teacher = kdcore.train(copy.deepcopy(TEACHER), out / "teacher", quiet=True, overwrite=True)  # a rerun replaces its runs
     ckpt = str((out / "teacher" / "checkpoints" / "best.pt").resolve())
     rows = []
     for label, (losses, weighting) in METHODS.items():
@@ -110,7 +110,7 @@ def main() -> int:
             print(f"[compare] {label}, seed {seed}", file=sys.stderr)
             t0 = time.perf_counter()
             s = kdcore.train(student_config(ckpt, seed, args.epochs, losses, weighting),
-                             out / f"{slug(label)}-s{seed}", quiet=True)
+                             out / f"{slug(label)}-s{seed}", quiet=True, overwrite=True)
             secs.append(time.perf_counter() - t0)
             acc.append(s["test_acc"])
             tv.append(s["test_tv"])
