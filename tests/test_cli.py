@@ -99,12 +99,18 @@ def test_demo_runs_offline(tmp_path):
     out = kdcore_cli("demo", "--out", str(tmp_path / "demo"), "--quiet", env={"KDCORE_PLUGINS": ""})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    methods = [line.split("  ")[0].strip() for line in lines[2:] if line and not line.startswith("runs")]
-    assert methods[:5] == ["bayes posterior", "teacher", "ce", "ce + kd", "ce + rkd"]
-    for line in lines[2:7]:
-        acc = float(line.split()[-2])
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:7]}
+    assert lines[2].startswith("bayes posterior") and lines[3].startswith("teacher")
+    assert set(rows) == {"bayes posterior", "teacher", "ce", "ce + kd", "ce + rkd"}
+    for line in rows.values():
+        acc = float(line.split()[-6])
         assert 0.5 < acc <= 1.0  # 3 balanced classes: chance is 1/3
-    assert list((tmp_path / "demo" / "student-kd" / "tb").glob("events.*"))
+    # the table's numbers are the runs' summaries: mean test TV over the seeds of ce + kd
+    tvs = [json.loads((tmp_path / "demo" / f"student-kd-s{s}" / "summary.json").read_text())["test_tv"]
+           for s in (1, 2, 3)]
+    assert f"{sum(tvs) / 3:8.4f}" in rows["ce + kd"]
+    assert "by more than the seeds' spread" in out.stdout
+    assert list((tmp_path / "demo" / "student-kd-s1" / "tb").glob("events.*"))
 
 
 def test_rerun_into_a_finished_run_needs_overwrite(tmp_path):

@@ -25,8 +25,13 @@ def bayes_posterior(x: torch.Tensor, means: torch.Tensor, sigma: float) -> torch
 
 
 def gaussian_mixture(num_classes: int = 3, dim: int = 30, sigma: float = 2.0, n: int = 10000,
-                     split: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0) -> DataSplits:
-    """Generate the mixture deterministically from ``seed`` (CPU generator)."""
+                     split: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0,
+                     train_size: int | None = None) -> DataSplits:
+    """Generate the mixture deterministically from ``seed`` (CPU generator).
+
+    ``train_size`` keeps only the first ``train_size`` samples of the training
+    split (a small labelled set; validation and test splits unchanged)."""
+    params.positive_int("train_size", train_size, optional=True)
     params.positive_int("num_classes", num_classes)
     params.positive_int("dim", dim)
     params.positive_int("n", n)
@@ -48,5 +53,10 @@ def gaussian_mixture(num_classes: int = 3, dim: int = 30, sigma: float = 2.0, n:
     parts = [TensorSplit(x[a:b], y[a:b], post[a:b]) if b > a else None for a, b in cuts]
     if parts[0] is None:
         raise ConfigError("split: the training split is empty")
+    if train_size is not None:
+        if train_size > len(parts[0]):
+            raise ConfigError(f"train_size: {train_size} is more than the {len(parts[0])} training samples")
+        train = parts[0]
+        parts[0] = TensorSplit(train.inputs[:train_size], train.targets[:train_size], train.posterior[:train_size])
     return DataSplits(*parts, num_classes=num_classes, input_shape=(dim,),
                       meta={"means": means, "sigma": sigma})
