@@ -7,13 +7,32 @@ import pytest
 import torch
 
 import kdcore
+from kdcore.plugins import default_registry
 from kdcore.testing import (assert_finite_with_grads, check_divergence, check_logit_loss,
                             extreme_batches, random_logits, random_targets)
 
 
-@pytest.mark.parametrize("name", kdcore.available("loss"))
+def _uses_outputs(name: str) -> bool:
+    return bool(getattr(default_registry().get("loss", name).factory, "uses_outputs", False))
+
+
+LOGIT_LOSSES = [n for n in kdcore.available("loss") if not _uses_outputs(n)]
+OUTPUT_LOSSES = [n for n in kdcore.available("loss") if _uses_outputs(n)]
+
+
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
 def test_loss_follows_the_logit_loss_conventions(name):
     check_logit_loss(kdcore.create("loss", name))
+
+
+@pytest.mark.parametrize("name", OUTPUT_LOSSES or [pytest.param(None, marks=pytest.mark.skip("none installed"))])
+def test_outputs_loss_is_a_module_that_names_its_taps(name):
+    """A ``uses_outputs`` term (called with kdcore.Outputs) is an nn.Module whose taps the
+    engine can read: ``student_taps`` / ``teacher_taps``, or a ``bind`` that sets them."""
+    factory = default_registry().get("loss", name).factory
+    assert isinstance(factory, type) and issubclass(factory, torch.nn.Module)
+    assert callable(getattr(factory, "bind", None)) or hasattr(factory, "student_taps"), \
+        f"{name}: uses_outputs = True but neither bind() nor student_taps"
 
 
 @pytest.mark.parametrize("name", kdcore.available("divergence"))
