@@ -1,0 +1,18 @@
+"""kdcore hook implementations of the ``lm`` plugin (nothing here imports transformers)."""
+
+from kdcore import hookimpl
+
+from kdcore_lm.hf import hf
+from kdcore_lm.synthetic import synthetic_lm
+from kdcore_lm.text import text
+
+
+@hookimpl
+def register_backbones(register):
+    register("hf", hf)
+
+
+@hookimpl
+def register_datasets(register):
+    register("synthetic_lm", synthetic_lm)
+    register("text", text)
