@@ -27,6 +27,7 @@ more than ``vocab_slack`` extra rows, uses another tokenizer: a
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
@@ -227,6 +228,23 @@ def _lora(model: nn.Module, spec: Mapping[str, Any]) -> None:
         raise ConfigError(f"lora: {exc}") from None
 
 
+@functools.cache
+def core_fuses() -> bool:
+    """Whether kdcore's logit losses take ``Outputs(hidden, head)`` (the fused projection);
+    probed once on a tiny input."""
+    from kdcore.api import create
+
+    head = nn.Linear(2, 3)
+    hidden = torch.zeros(1, 2, 2)
+    try:
+        value = create("loss", "kd", chunk_size=1)(Outputs(hidden=hidden, head=head),
+                                                    Outputs(hidden=hidden, head=head),
+                                                    torch.zeros(1, 2, dtype=torch.long))
+        return bool(torch.isfinite(value))
+    except Exception:  # noqa: BLE001 - any failure means: not supported
+        return False
+
+
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM whose forward returns ``Outputs(hidden, head)``.
 
@@ -235,7 +253,7 @@ class HFCausalLM(nn.Module):
     model's own, so the state dict is the model's).
     """
 
-    def __init__(self, model: nn.Module, head: LMHead, *, fused: bool = True, pretrained: bool = False):
+    def __init__(self, model: nn.Module, head: LMHead, *, fused: bool | str = "auto", pretrained: bool = False):
         super().__init__()
         self.model = model
         self.__dict__["head"] = head  # shares the model's parameters; kept out of the state dict
@@ -259,7 +277,7 @@ class HFCausalLM(nn.Module):
         if position_ids is not None and attention_mask is not None and bool((attention_mask == 1).all()):
             attention_mask = None  # lets transformers build the per-document mask of packed rows
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, **kwargs)
-        if self.fused:
+        if self.fused is True or (self.fused == "auto" and core_fuses()):
             return Outputs(hidden=hidden, head=self.head)
         return Outputs(self.head(hidden), hidden=hidden, head=self.head)
 
@@ -288,7 +306,7 @@ class HFCausalLM(nn.Module):
 def hf(num_classes: int | None = None, *, config: Mapping[str, Any] | None = None, path: str | None = None,
        allow_download: bool = False, dtype: str = "float32", gradient_checkpointing: bool = False,
        lora: Mapping[str, Any] | None = None, pad_vocab_to: int = 0, vocab_slack: int = 1024,
-       attn_implementation: str | None = None, fused: bool = True, check_head: bool = True,
+       attn_implementation: str | None = None, fused: bool | str = "auto", check_head: bool = True,
        in_features: int | None = None) -> HFCausalLM:
     """A causal LM from ``config`` (random weights) or ``path`` (a local directory).
 
@@ -302,8 +320,9 @@ def hf(num_classes: int | None = None, *, config: Mapping[str, Any] | None = Non
     - ``pad_vocab_to``: the logits' width (``-inf`` columns past the vocabulary;
       0: the dataset's vocabulary); ``vocab_slack``: how many padding rows beyond
       the tokenizer a model may have;
-    - ``fused``: return ``Outputs(hidden, head)`` without logits (false: compute the
-      logits inside forward, e.g. under FSDP, and return them with hidden and head);
+    - ``fused``: true: return ``Outputs(hidden, head)`` without logits; false: compute
+      the logits inside forward (e.g. under FSDP) and return them with hidden and head;
+      ``"auto"``: true where kdcore's logit losses take ``Outputs`` (the fused projection);
     - ``check_head``: check once that the head reproduces the model's logits.
     """
     if (config is None) == (path is None):
@@ -316,6 +335,8 @@ def hf(num_classes: int | None = None, *, config: Mapping[str, Any] | None = Non
         raise ConfigError(f"pad_vocab_to: must be a non-negative integer, got {pad_vocab_to!r}")
     if isinstance(vocab_slack, bool) or not isinstance(vocab_slack, int) or vocab_slack < 0:
         raise ConfigError(f"vocab_slack: must be a non-negative integer, got {vocab_slack!r}")
+    if fused not in (True, False, "auto"):
+        raise ConfigError(f"fused: must be true, false or \"auto\", got {fused!r}")
     if lora is not None and not isinstance(lora, Mapping):
         raise ConfigError(f"lora: must be a table of LoRA parameters (e.g. {{r = 8}}), got {lora!r}")
     if path is not None:

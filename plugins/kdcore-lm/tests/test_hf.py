@@ -27,6 +27,7 @@ TINY = _helpers().TINY
 
 def build(arch="llama", num_classes=50, **kw):
     torch.manual_seed(0)
+    kw.setdefault("fused", True)
     return hf(num_classes=num_classes, config=dict(TINY[arch]), in_features=16, **kw)
 
 
