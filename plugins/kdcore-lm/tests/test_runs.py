@@ -139,3 +139,29 @@ def test_example_configs_run_shortened(tmp_path, monkeypatch):
     summary = kdcore.train(EXAMPLES / "lm_synthetic_kd.toml", tmp_path / "runs" / "lm_kd", small, quiet=True)
     assert math.isfinite(summary["test_tv"])
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_teacher_from_a_local_directory(teacher, tmp_path):
+    from kdcore_lm.export import main as export_main
+
+    trained, _ = rebuild(TEACHER, teacher[0])
+    trained.model.save_pretrained(tmp_path / "teacher_dir")
+    assert export_main([str(tmp_path / "teacher_dir"), str(tmp_path / "teacher.pt")]) == 0
+    assert export_main([str(tmp_path / "nowhere"), str(tmp_path / "x.pt")]) == 2
+    conf = student_config(str(tmp_path / "teacher.pt"), epochs=1)
+    conf["teacher"] = {"backbone": "hf", "path": str(tmp_path / "teacher_dir"), "checkpoint": str(tmp_path / "teacher.pt")}
+    summary = kdcore.train(conf, tmp_path / "run", quiet=True)
+    assert math.isfinite(summary["final"]["loss/kd"])
+
+
+@pytest.mark.parametrize("name", ["lm_abkd_dolly.toml", "lm_gkd_jsd.toml", "lm_synthetic_teacher.toml",
+                                  "lm_synthetic_kd.toml"])
+def test_example_configs_are_valid(name):
+    from kdcore import config as cfg
+    from kdcore.engine.objective import Objective
+    from kdcore.plugins import default_registry
+
+    conf = cfg.load(EXAMPLES / name)
+    cfg.check_components(conf, default_registry())
+    Objective.from_config(conf, default_registry())
+    assert conf.student.backbone == "hf"
