@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from kdcore import params
 from kdcore.errors import ConfigError
 from kdcore.functional import IGNORE_INDEX, flatten_rows, upcast
+from kdcore.fused import fused_kept_sum
+from kdcore.outputs import Outputs
 
 Spec = str | Mapping[str, Any] | Callable[..., Any]
 
@@ -98,6 +100,17 @@ class _ChunkedRowSum(torch.autograd.Function):
         return None, None, grad_s, grad_t, None
 
 
+def _logits(x):
+    return x.logits if isinstance(x, Outputs) else x
+
+
+def _pair(x) -> tuple[Tensor, object]:
+    """``(hidden, head)`` of projectable outputs without logits, else ``(logits, None)``."""
+    if isinstance(x, Outputs):
+        return (x.hidden, x.head) if x.projectable and not x.has_logits else (x.logits, None)
+    return x, None
+
+
 class LogitLoss(nn.Module):
     """Base class of logit losses (see the module docstring).
 
@@ -115,6 +128,8 @@ class LogitLoss(nn.Module):
     uses_teacher: bool = True
     #: whether the loss needs the labels
     uses_target: bool = False
+    #: whether the value couples the rows of a batch (no chunking; see docs/outputs.md)
+    batch_level: bool = False
 
     def __init__(self, *, temperature: float = 1.0, transforms: Sequence[Spec] | None = None,
                  chunk_size: int | None = None):
@@ -122,6 +137,9 @@ class LogitLoss(nn.Module):
         self.temperature = params.positive("temperature", temperature)
         self.transforms = resolve_transforms(transforms)
         self.chunk_size = params.positive_int("chunk_size", chunk_size, optional=True)
+        if self.batch_level and self.chunk_size is not None:
+            raise ConfigError(f"chunk_size: {type(self).__name__} is a batch-level loss (its value couples "
+                              "the rows of a batch), so it cannot be evaluated in chunks")
 
     def rows(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
         """Per-row loss ``[n]`` from float32 (or float64) rows ``[n, C]``.
@@ -156,7 +174,10 @@ class LogitLoss(nn.Module):
         values = self.rows(s, t, torch.where(keep, target, 0) if self.uses_target else None)
         return torch.where(keep, values, 0.0).sum()
 
-    def forward(self, student: Tensor, teacher: Tensor | None = None, target: Tensor | None = None) -> Tensor:
+    def forward(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None = None,
+                target: Tensor | None = None) -> Tensor:
+        if isinstance(student, Outputs) or isinstance(teacher, Outputs):
+            return self._forward_outputs(student, teacher, target)
         if self.uses_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} needs teacher logits")
         if self.uses_target and target is None:
@@ -169,6 +190,23 @@ class LogitLoss(nn.Module):
         if y is None:
             return total / s.shape[0]
         return total / (y != IGNORE_INDEX).sum(dtype=total.dtype).clamp_(min=1)
+
+    def _forward_outputs(self, student, teacher, target: Tensor | None) -> Tensor:
+        """The loss from :class:`kdcore.Outputs`: fused (:mod:`kdcore.fused`) where
+        ``chunk_size`` is set and a model gave ``hidden`` and ``head`` without
+        logits, from their logits otherwise (the same value and gradients)."""
+        teacher = teacher if self.uses_teacher else None
+        fuse = self.chunk_size is not None and not self.batch_level and any(
+            isinstance(o, Outputs) and o.projectable and not o.has_logits for o in (student, teacher))
+        if not fuse:
+            return self.forward(_logits(student), _logits(teacher), target)
+        if self.uses_teacher and teacher is None:
+            raise ValueError(f"{type(self).__name__} needs teacher logits")
+        if self.uses_target and target is None:
+            raise ValueError(f"{type(self).__name__} needs targets")
+        total, count = fused_kept_sum(self.kept_sum, self.chunk_size, _pair(student),
+                                      None if teacher is None else _pair(teacher), target)
+        return total / count.to(total.dtype).clamp(min=1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:g}"
