@@ -60,46 +60,6 @@ def resolve_transforms(specs: Sequence[Spec] | None, path: str = "transforms") -
     return [build("transform", s, f"{path}[{i}]") for i, s in enumerate(specs)]
 
 
-class _ChunkedRowSum(torch.autograd.Function):
-    """Sum of ``fn(rows)`` over row chunks, with the input gradients computed
-    chunk by chunk during the forward pass, so that no chunk's intermediates
-    outlive it: memory is the gradient buffers plus one chunk's work."""
-
-    @staticmethod
-    def forward(ctx, fn, chunk_size, student, teacher, target):  # noqa: D401
-        need_s = student.requires_grad
-        need_t = teacher is not None and teacher.requires_grad
-        grad_s = torch.zeros_like(student) if need_s else None
-        grad_t = torch.zeros_like(teacher) if need_t else None
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for start in range(0, student.shape[0], chunk_size):
-            sl = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                s = student[sl].detach().requires_grad_(need_s)
-                t = None if teacher is None else teacher[sl].detach().requires_grad_(need_t)
-                value = fn(s, t, None if target is None else target[sl])
-                inputs = [x for x, need in ((s, need_s), (t, need_t)) if need]
-                grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs else ()
-            it = iter(grads)
-            for buf, need in ((grad_s, need_s), (grad_t, need_t)):
-                if need:
-                    g = next(it)
-                    if g is not None:
-                        buf[sl] = g
-            total += value.detach()
-        ctx.save_for_backward(grad_s, grad_t)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_s, grad_t = ctx.saved_tensors
-        if grad_s is not None:
-            grad_s = grad_s * grad_out.to(grad_s.dtype)
-        if grad_t is not None:
-            grad_t = grad_t * grad_out.to(grad_t.dtype)
-        return None, None, grad_s, grad_t, None
-
-
 def _logits(x):
     return x.logits if isinstance(x, Outputs) else x
 
@@ -186,7 +146,8 @@ class LogitLoss(nn.Module):
         if self.chunk_size is None or s.shape[0] <= self.chunk_size:
             total = self.kept_sum(s, t, y)
         else:
-            total = _ChunkedRowSum.apply(self.kept_sum, self.chunk_size, s, t, y)
+            total, _ = fused_kept_sum(self.kept_sum, self.chunk_size, (s, None),
+                                      None if t is None else (t, None), y)
         if y is None:
             return total / s.shape[0]
         return total / (y != IGNORE_INDEX).sum(dtype=total.dtype).clamp_(min=1)

@@ -23,7 +23,6 @@ from kdcore.engine.batches import Batch
 from kdcore.engine.distributed import Dist
 from kdcore.engine.step import micro_weights
 from kdcore.errors import NonFiniteLoss
-from kdcore.plugins import load_registry
 
 
 def _load(name):
@@ -33,21 +32,8 @@ def _load(name):
     return module
 
 
-runs, plug = _load("helpers_runs"), _load("helpers_plugin")
+runs = _load("helpers_runs")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    root = plug.install(tmp_path_factory.mktemp("site"))
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-
-
-@pytest.fixture(scope="module")
-def registry(site):
-    return load_registry(env={}, entry_points=plug.entry_points(site))
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,8 @@ from torch import nn
 
 import kdcore
 from kdcore.engine import build_trainer
-from kdcore.engine.batches import Batch
 from kdcore.engine.taps import Tapping
 from kdcore.engine.trainer import Trainer
-from kdcore.plugins import load_registry
 
 
 def _load(name):
@@ -31,20 +29,7 @@ def _load(name):
     return module
 
 
-runs, plug = _load("helpers_runs"), _load("helpers_plugin")
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    root = plug.install(tmp_path_factory.mktemp("site"))
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-
-
-@pytest.fixture(scope="module")
-def registry(site):
-    return load_registry(env={}, entry_points=plug.entry_points(site))
+runs = _load("helpers_runs")
 
 
 @pytest.fixture(scope="module")
