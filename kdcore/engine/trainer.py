@@ -76,9 +76,10 @@ class Trainer:
         self.teacher: nn.Module | None = None
         self.teacher_forward: nn.Module | None = None  # the teacher, compiled with run.compile
         if config.teacher is not None:
-            if config.teacher.checkpoint is None:
-                raise ConfigError("teacher.checkpoint: required (the teacher's trained weights)")
             self.teacher = build_model(config.teacher, "teacher", self.data, registry, config.source)
+            if config.teacher.checkpoint is None and not getattr(self.teacher, "pretrained", False):
+                raise ConfigError("teacher.checkpoint: required (the teacher's trained weights; a backbone "
+                                  "that loads its own weights sets pretrained = True)")
             self.teacher.to(self.device).eval().requires_grad_(False)
             self.teacher_forward = self.teacher
         if run.channels_last:
@@ -346,7 +347,7 @@ class Trainer:
         model = model or self.student
         was_training = model.training
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # correct, n, tv, l2
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # correct, n, tv, l2, kl
         has_post = getattr(split, "posterior", None) is not None
         for batch, post in eval_batches(split, self.config.run.eval_batch_size, self.device,
                                         self.dist.rank, self.dist.world, self.config.run.num_workers):
@@ -355,10 +356,13 @@ class Trainer:
             keep = batch.target != IGNORE_INDEX
             sums[0] += ((logits.argmax(-1) == batch.target) & keep).sum()
             sums[1] += keep.sum()
-            if post is not None:
-                diff = torch.softmax(logits.float(), -1) - post
-                sums[2] += 0.5 * diff.abs().sum(-1).sum()
-                sums[3] += diff.norm(dim=-1).sum()
+            if post is not None:  # distances to the true distribution over the kept positions
+                logq = torch.log_softmax(logits.float(), -1)
+                diff = logq.exp() - post
+                kl = torch.where(post > 0, post * (post.clamp(min=1e-30).log() - logq), 0.0).sum(-1)
+                sums[2] += torch.where(keep, 0.5 * diff.abs().sum(-1), 0.0).sum()
+                sums[3] += torch.where(keep, diff.norm(dim=-1), 0.0).sum()
+                sums[4] += torch.where(keep, kl, 0.0).sum()
         model.train(was_training)
         self.dist.sum_(sums)
         n = max(sums[1].item(), 1)
@@ -366,6 +370,7 @@ class Trainer:
         if has_post:
             out[f"{prefix}_tv"] = sums[2].item() / n
             out[f"{prefix}_l2"] = sums[3].item() / n
+            out[f"{prefix}_kl"] = sums[4].item() / n  # KL(truth || model)
         return out
 
     # -- checkpoints --------------------------------------------------------------------------
