@@ -226,3 +226,25 @@ def test_user_data_examples_run(tmp_path, name):
                    capture_output=True, timeout=120)
     summary = kdcore.train(tmp_path / f"{name}.toml", tmp_path / "run", ["run.epochs=2"], quiet=True)
     assert summary["report_split"] == "test" and summary["test_acc"] > 0.5
+
+
+def test_python_dataset_factory(tmp_path):
+    (tmp_path / "my_data_for_test.py").write_text(textwrap.dedent('''
+        import torch
+        from kdcore.data import DataSplits, TensorSplit
+
+        def make(n=120):
+            g = torch.Generator().manual_seed(0)
+            y = torch.arange(n) % 2
+            x = torch.randn(n, 4, generator=g) + 2.0 * y.unsqueeze(1)
+            return DataSplits(TensorSplit(x[:100], y[:100]), TensorSplit(x[100:], y[100:]), None,
+                              num_classes=2, input_shape=(4,))
+    '''))
+    conf = {"run": {"seed": 0, "epochs": 2, "batch_size": 20, "progress": "off"},
+            "data": {"name": "python:my_data_for_test:make", "n": 120},
+            "student": {"backbone": "mlp", "hidden": [8]},
+            "optim": {"name": "adamw", "lr": 1e-2}, "loss": [{"name": "ce"}]}
+    path = tmp_path / "run.toml"
+    path.write_text(tomli_w.dumps(conf))
+    summary = kdcore.train(path, tmp_path / "run", quiet=True)
+    assert summary["report_split"] == "val" and summary["val_acc"] > 0.5
