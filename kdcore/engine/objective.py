@@ -82,6 +82,8 @@ class Objective:
     def __init__(self, terms: list[Term]):
         self.terms = terms
         self.uses_teacher = any(t.uses_teacher for t in terms)
+        #: whether any term taps features (else forward passes skip the tap machinery)
+        self.has_taps = any(t.uses_outputs for t in terms)
         #: the terms' losses that are modules (their parameters and buffers train and checkpoint)
         self.modules = nn.ModuleDict({_module_key(t.id): t.loss for t in terms if isinstance(t.loss, nn.Module)})
 

@@ -24,7 +24,11 @@ from kdcore.outputs import Outputs
 def forward(model: nn.Module, inputs, tapped: nn.Module, taps: Sequence[str], index: Tensor) -> Outputs:
     """``model(inputs)`` (keyword arguments for a mapping) as :class:`Outputs`, with the
     outputs of the ``taps`` modules of ``tapped`` (the unwrapped model) in ``features``."""
-    with Tapping(tapped, taps) as features:
+    if taps:
+        with Tapping(tapped, taps) as features:
+            raw = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    else:
+        features = None
         raw = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     out = Outputs.of(raw)
     if features:
@@ -150,14 +154,17 @@ class FiniteGuard:
         self.eager = device.type == "cpu"
         self.bad_step: Tensor | None = None  # -1 while every step was finite
 
-    def observe(self, step: int, losses: Mapping[str, Tensor]) -> None:
+    def observe(self, step: int, losses: Mapping[str, Tensor], total: Tensor) -> None:
+        """Record step ``step`` (its term losses and their weighted ``total``)."""
         if self.eager:
-            for name, value in losses.items():
+            if math.isfinite(float(total.detach())):
+                return  # one read per step; the terms are looked at only when the total is bad
+            for name, value in {**losses, "total": total}.items():
                 v = float(value.detach())
                 if not math.isfinite(v):
                     raise NonFiniteLoss(step, name, v)
             return
-        bad = ~torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()
+        bad = ~torch.isfinite(total.detach().float())
         if self.bad_step is None:
             self.bad_step = torch.full((), -1, dtype=torch.long, device=bad.device)
         first = bad & (self.bad_step < 0)

@@ -215,12 +215,14 @@ class Trainer:
         """The student's outputs (through ``model``) and, where a term needs it, the
         teacher's (under ``no_grad``), with the taps the ``terms`` name."""
         inputs = self._inputs(batch.inputs)
-        s = step.forward(model, inputs, self.student, self.objective.taps(terms, "student"), batch.index)
+        taps = self.objective.has_taps
+        s = step.forward(model, inputs, self.student, self.objective.taps(terms, "student") if taps else (),
+                         batch.index)
         t = None
         if self.teacher is not None and any(term.uses_teacher for term in terms):
             with torch.no_grad():
                 t = step.forward(self.teacher_forward, inputs, self.teacher,
-                                 self.objective.taps(terms, "teacher"), batch.index)
+                                 self.objective.taps(terms, "teacher") if taps else (), batch.index)
         return s, t
 
     def _no_sync(self, last: bool):
@@ -236,8 +238,9 @@ class Trainer:
         """One optimizer step on a batch; returns the unweighted term losses (the step's means)."""
         progress = self.progress()
         lr = self.config.optim.lr * self.lr_factor(progress.epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if lr != self.optimizer.param_groups[0]["lr"]:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         weights = self.objective.weights(progress)
         if self.weighting is not None and self.weighting.wants_gradients(progress):
             losses, total = self._gradient_step(batch, weights, progress, aux, meter)
@@ -249,7 +252,7 @@ class Trainer:
             losses, total = self._accumulated_step(batch, coefs)
             if meter is not None:
                 meter.add({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
-        self.guard.observe(self.step + 1, {**losses, "total": total} if losses else {})
+        self.guard.observe(self.step + 1, losses, total)
         self.step += 1
         return losses
 
@@ -271,19 +274,23 @@ class Trainer:
                 total = self.objective.total(losses, coefs)
             if self.sharded:
                 self.student.set_requires_gradient_sync(True)
-            for k, v in losses.items():
-                v = v.detach() if shares is None else v.detach() * shares[i]
-                logged[k] = v if k not in logged else logged[k] + v
             if total is None:  # every weight is 0 at this step: nothing to learn from
                 continue
+            if shares is None:  # one micro-batch: the step's values are its values
+                logged, step_total = losses, total.detach()
+            else:
+                for k, v in losses.items():
+                    logged[k] = v.detach() * shares[i] + logged.get(k, 0.0)
             if factors is not None:
                 total = total * factors[i]
             (total if self.scaler is None else self.scaler.scale(total)).backward()
             stepped = True
-        if stepped:
-            self._update()
-        step_total = self.objective.total(logged, coefs)
-        return logged, torch.zeros((), device=self.device) if step_total is None else step_total
+        if not stepped:
+            return {}, torch.zeros((), device=self.device)
+        self._update()
+        if shares is not None:
+            step_total = self.objective.total(logged, coefs)
+        return logged, step_total
 
     def _update(self) -> None:
         """Synchronise what DDP/FSDP do not, clip, and take the optimizer step."""
