@@ -6,44 +6,104 @@ head)`` and evaluates ``kept_sum`` (a logit loss's sum over rows) over chunks
 of ``chunk_size`` rows: each chunk's logits are computed from ``head(hidden)``,
 its value and its gradients (to the hidden states, to the logits given as
 such, and to the heads' parameters) are taken at once, and the chunk's
-intermediates are freed before the next, so neither model's full logits ever
-exist. Ignored positions are dropped before anything is projected.
+logits and intermediates are freed before the next, so neither model's full
+logits ever exist. Ignored positions (target -100) are dropped before
+anything is projected. The backward pass only scales the stored gradients by
+the upstream gradient.
 
-The heads' parameters are found as ``head.parameters()`` when the head is an
-``nn.Module`` or has a ``parameters()`` method (a bound method of a module
-has neither: pass the module); a plain function has none. Only parameters
-that require gradients get them.
+The head rule (:func:`head_parameters`), which decides the parameters that
+get gradients through the fused path (docs/fused.md):
+
+- an ``nn.Module`` head: its ``parameters()``;
+- any other callable with a callable ``parameters`` attribute: what it returns
+  (the way to name the parameters of a head explicitly);
+- a bound method of an ``nn.Module`` (``model.project``): that module's
+  ``parameters()``;
+- a ``functools.partial``: the rule applied to its function, plus its
+  arguments that are modules (their parameters) or tensors that require grad;
+- anything else (a plain function or lambda): no parameters, so whatever it
+  closes over gets no gradient.
+
+Only parameters that require gradients are considered; one the head does not
+use gets no gradient (``.grad`` stays None), as in the dense path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kdcore.functional import IGNORE_INDEX
 
-def head_parameters(head: Any) -> list[nn.Parameter]:
-    """The trainable parameters of a head (see the module docstring)."""
-    params = getattr(head, "parameters", None)
-    if not callable(params):
-        return []
-    return [p for p in params() if p.requires_grad]
+KeptSum = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+
+
+def _rule_tensors(head: Any) -> Iterable[Tensor]:
+    if isinstance(head, nn.Module):
+        return head.parameters()
+    explicit = getattr(head, "parameters", None)
+    if callable(explicit):
+        return explicit()
+    if inspect.ismethod(head) and isinstance(head.__self__, nn.Module):
+        return head.__self__.parameters()
+    if isinstance(head, functools.partial):
+        found = list(_rule_tensors(head.func))
+        for arg in (*head.args, *head.keywords.values()):
+            if isinstance(arg, nn.Module):
+                found.extend(arg.parameters())
+            elif isinstance(arg, Tensor):
+                found.append(arg)
+        return found
+    return ()
+
+
+def head_parameters(*heads: Any) -> list[Tensor]:
+    """The tensors that require grad of ``heads`` by the head rule (module
+    docstring), each once even where heads share them (tied weights)."""
+    found: dict[int, Tensor] = {}
+    for head in heads:
+        if head is not None:
+            for p in _rule_tensors(head):
+                if p.requires_grad:
+                    found.setdefault(id(p), p)
+    return list(found.values())
 
 
 class _Side:
-    """One model's input to the fused sum: logits rows, or hidden rows and a head."""
+    """One model's rows (logits, or hidden states with a head) and whether they take a gradient."""
 
     def __init__(self, rows: Tensor | None, head: Callable[[Tensor], Tensor] | None):
         self.rows, self.head = rows, head
+        self.needs_grad = rows is not None and rows.requires_grad
+        self.grad = torch.zeros_like(rows) if self.needs_grad else None
 
-    def chunk(self, sl: slice, need: bool) -> tuple[Tensor | None, Tensor | None]:
-        """``(leaf, logits)`` of rows ``sl``: the leaf takes the gradient."""
-        if self.rows is None:
-            return None, None
-        leaf = self.rows[sl].detach().requires_grad_(need)
-        return leaf, leaf if self.head is None else self.head(leaf)
+    def leaf(self, sl: slice) -> Tensor | None:
+        """Rows ``sl`` as a fresh leaf (requiring grad where the rows do)."""
+        return None if self.rows is None else self.rows[sl].detach().requires_grad_(self.needs_grad)
+
+    def logits(self, leaf: Tensor | None) -> Tensor | None:
+        return leaf if self.head is None or leaf is None else self.head(leaf)
+
+
+def _chunk(kept_sum: KeptSum, s: _Side, t: _Side, target: Tensor | None, sl: slice,
+           params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor | None]]:
+    """The chunk's value and its gradients ``[student rows, teacher rows, *params]``
+    (None where not needed or unused); the chunk's logits die with this frame,
+    before its backward pass runs."""
+    with torch.enable_grad():
+        s_leaf, t_leaf = s.leaf(sl), t.leaf(sl)
+        value = kept_sum(s.logits(s_leaf), t.logits(t_leaf), None if target is None else target[sl])
+    wanted = [(leaf, side.needs_grad) for leaf, side in ((s_leaf, s), (t_leaf, t))]
+    inputs = [leaf for leaf, need in wanted if need] + list(params)
+    grads = iter(torch.autograd.grad(value, inputs, allow_unused=True) if inputs and value.requires_grad
+                 else [None] * len(inputs))
+    rows = [next(grads) if need else None for _, need in wanted]
+    return value.detach(), rows + list(grads)
 
 
 class _FusedSum(torch.autograd.Function):
@@ -52,73 +112,55 @@ class _FusedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kept_sum, chunk_size, s_head, t_head, s_rows, t_rows, target, *params):
         s, t = _Side(s_rows, s_head), _Side(t_rows, t_head)
-        need_s = s_rows.requires_grad
-        need_t = t_rows is not None and t_rows.requires_grad
-        grad_s = torch.zeros_like(s_rows) if need_s else None
-        grad_t = torch.zeros_like(t_rows) if need_t else None
-        grad_p = [torch.zeros_like(p) for p in params]
+        param_grads: list[Tensor | None] = [None] * len(params)
         total = None
-        n = s_rows.shape[0]
-        for start in range(0, n, chunk_size):
+        for start in range(0, s_rows.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                s_leaf, s_logits = s.chunk(sl, need_s)
-                t_leaf, t_logits = t.chunk(sl, need_t)
-                value = kept_sum(s_logits, t_logits, None if target is None else target[sl])
-                inputs = [x for x, need in ((s_leaf, need_s), (t_leaf, need_t)) if need] + list(params)
-                grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs else ()
-            it = iter(grads)
-            for buf, need in ((grad_s, need_s), (grad_t, need_t)):
-                if need:
-                    g = next(it)
-                    if g is not None:
-                        buf[sl] = g
-            for acc in grad_p:
-                g = next(it)
+            value, (g_s, g_t, *g_params) = _chunk(kept_sum, s, t, target, sl, params)
+            for side, g in ((s, g_s), (t, g_t)):
                 if g is not None:
-                    acc += g
-            total = value.detach() if total is None else total + value.detach()
-        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (grad_s, grad_t)), *grad_p)
-        ctx.has = (grad_s is not None, grad_t is not None)
+                    side.grad[sl] = g
+            for i, g in enumerate(g_params):
+                if g is not None:
+                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+            total = value if total is None else total + value
+        ctx.grads = (s.grad, t.grad, *param_grads)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        grad_s, grad_t, grad_p = saved[0], saved[1], saved[2:]
-        scale = grad_out
-        gs = grad_s * scale.to(grad_s.dtype) if ctx.has[0] else None
-        gt = grad_t * scale.to(grad_t.dtype) if ctx.has[1] else None
-        return (None, None, None, None, gs, gt, None, *(g * scale.to(g.dtype) for g in grad_p))
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+        return (None, None, None, None, *scaled[:2], None, *scaled[2:])
 
 
-def _flat_rows(x: Tensor, keep: Tensor | None) -> Tensor:
+def kept_rows(x: Tensor, keep: Tensor | None) -> Tensor:
+    """``x`` flattened to rows ``[n, last]``, only the kept ones where ``keep`` is given."""
     rows = x.reshape(-1, x.shape[-1])
-    return rows if keep is None else rows[keep]
+    if keep is None:
+        return rows
+    if rows.shape[0] != keep.shape[0]:
+        raise ValueError(f"target shape does not match the leading dims of a {tuple(x.shape)} input")
+    return rows[keep]
 
 
-def fused_kept_sum(kept_sum: Callable[[Tensor, Tensor | None, Tensor | None], Tensor], chunk_size: int,
-                   student: tuple[Tensor, Any], teacher: tuple[Tensor, Any] | None,
-                   target: Tensor | None) -> tuple[Tensor, Tensor]:
+def fused_kept_sum(kept_sum: KeptSum, chunk_size: int, student: tuple[Tensor, Any],
+                   teacher: tuple[Tensor, Any] | None, target: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(sum of kept_sum over the kept rows, number of kept rows)``.
 
     ``student`` and ``teacher`` are ``(hidden, head)`` pairs, or ``(logits, None)``
     for a model given as logits; ``hidden`` / ``logits`` are ``[..., H]`` /
     ``[..., V]`` with the leading dims of ``target``. Rows whose target is -100
-    are dropped before projecting; the target passed to ``kept_sum`` has none."""
-    keep = None if target is None else (target.reshape(-1) != -100)
-    s_rows = _flat_rows(student[0], keep)
-    t_rows = None if teacher is None else _flat_rows(teacher[0], keep)
+    are dropped before projecting; the target passed to ``kept_sum`` has none.
+    With no kept row the sum is 0, with zero gradients."""
+    keep = None if target is None else (target.reshape(-1) != IGNORE_INDEX)
+    s_rows = kept_rows(student[0], keep)
+    t_rows = None if teacher is None else kept_rows(teacher[0], keep)
     y = None if target is None else target.reshape(-1)[keep]
-    s_params = head_parameters(student[1])
-    t_params = [p for p in head_parameters(teacher[1]) if all(p is not q for q in s_params)] \
-        if teacher is not None else []
+    t_head = None if teacher is None else teacher[1]
+    params = head_parameters(student[1], t_head)
     count = torch.tensor(float(s_rows.shape[0]), device=s_rows.device)
     if s_rows.shape[0] == 0:
-        zero = (s_rows.sum() * 0.0).float()
-        for p in s_params + t_params:
-            zero = zero + (p.sum() * 0.0).float()
+        zero = sum((x.sum() * 0.0 for x in (s_rows, *params)), torch.zeros((), device=s_rows.device))
         return zero, count
-    total = _FusedSum.apply(kept_sum, chunk_size, student[1], None if teacher is None else teacher[1],
-                            s_rows, t_rows, y, *s_params, *t_params)
+    total = _FusedSum.apply(kept_sum, chunk_size, student[1], t_head, s_rows, t_rows, y, *params)
     return total, count

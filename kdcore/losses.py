@@ -7,6 +7,13 @@ mean over kept positions. Subclasses of :class:`LogitLoss` only write
 :meth:`LogitLoss.rows`, the per-row value on float32 rows; this class does the
 flattening, masking, dtype handling, teacher transforms and the optional
 chunked evaluation (``chunk_size``) that bounds memory on large vocabularies.
+Every logit loss also takes :class:`kdcore.Outputs` for either model (contract.md,
+"Model outputs"): with ``chunk_size`` and ``hidden`` / ``head`` but no logits it
+projects chunk by chunk (:mod:`kdcore.fused`, docs/fused.md).
+
+A loss whose value couples the rows of a batch sets ``batch_level = True`` and
+writes :meth:`LogitLoss.batch_value` instead (docs/plugins.md, "Batch-level
+losses"): it gets the kept rows of the whole (local) batch at once.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from torch import Tensor, nn
 from kdcore import params
 from kdcore.errors import ConfigError
 from kdcore.functional import IGNORE_INDEX, flatten_rows, upcast
-from kdcore.fused import fused_kept_sum
+from kdcore.fused import kept_rows, fused_kept_sum
 from kdcore.outputs import Outputs
 
 Spec = str | Mapping[str, Any] | Callable[..., Any]
@@ -71,6 +78,16 @@ def _pair(x) -> tuple[Tensor, object]:
     return x, None
 
 
+def _kept_logits(x, keep: Tensor | None) -> Tensor | None:
+    """The logits rows ``[n, C]`` of ``x`` (a tensor, :class:`Outputs` or None) at the
+    kept positions; projectable outputs without logits project only those rows."""
+    if x is None:
+        return None
+    rows, head = _pair(x)
+    rows = kept_rows(rows, keep)
+    return rows if head is None else head(rows)
+
+
 class LogitLoss(nn.Module):
     """Base class of logit losses (see the module docstring).
 
@@ -81,14 +98,21 @@ class LogitLoss(nn.Module):
       teacher's log-probabilities at T=1 before the loss's own temperature
       (``log_softmax(log p / T)`` is the softened transformed teacher);
     - ``chunk_size``: evaluate rows in chunks of this many, computing the
-      input gradients chunk by chunk (bounded memory for large vocabularies).
+      input gradients chunk by chunk (bounded memory for large vocabularies;
+      with :class:`kdcore.Outputs` inputs the fused vocabulary projection,
+      docs/fused.md).
+
+    A per-row loss implements :meth:`rows` (or :meth:`kept_sum`); a
+    batch-level loss (``batch_level = True``) implements :meth:`batch_value`.
     """
 
     #: whether the loss needs teacher logits (False: a supervised term such as ce)
     uses_teacher: bool = True
     #: whether the loss needs the labels
     uses_target: bool = False
-    #: whether the value couples the rows of a batch (no chunking; see docs/outputs.md)
+    #: whether the value couples the rows of a batch: then the loss implements
+    #: :meth:`batch_value` instead of :meth:`rows` and refuses ``chunk_size``
+    #: (docs/plugins.md, "Batch-level losses")
     batch_level: bool = False
 
     def __init__(self, *, temperature: float = 1.0, transforms: Sequence[Spec] | None = None,
@@ -109,9 +133,29 @@ class LogitLoss(nn.Module):
         has ignored rows replaced by class 0 (their values are discarded); it
         is None for losses whose ``uses_target`` is False.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement rows()")
+
+    def batch_value(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+        """The loss of a batch-level loss (``batch_level = True``): a 0-dim tensor.
+
+        Inputs: ``student`` and ``teacher`` are ``[n, C]`` rows, float32 or
+        float64 (bf16/fp16 upcast), flattened from ``[B, T, C]`` where the input
+        was token level, with the ignored rows (target -100) already removed and
+        the teacher already through :meth:`teacher_side`; ``target`` is ``[n]``
+        with no -100 (None when ``uses_target`` is False, or when the call had no
+        target, then all rows are kept). ``n >= 1``: a batch with no kept row is
+        0 without calling this. The return value is the loss itself (the base
+        class divides by nothing). Under DDP the loss sees the local batch of
+        each rank only.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is batch-level and must implement batch_value()")
 
     def teacher_side(self, teacher: Tensor, target: Tensor | None) -> Tensor:
+        """The teacher as the loss sees it: ``teacher`` (logits) unchanged without
+        transforms, else the transforms chain applied to ``log_softmax(teacher)``
+        (T = 1), whose result are log-probabilities usable as logits. ``target``
+        is handed to each transform (ignored rows replaced by class 0 for per-row
+        losses, removed for batch-level ones)."""
         if not self.transforms:
             return teacher
         logp = torch.log_softmax(teacher, dim=-1)
@@ -138,11 +182,11 @@ class LogitLoss(nn.Module):
                 target: Tensor | None = None) -> Tensor:
         if isinstance(student, Outputs) or isinstance(teacher, Outputs):
             return self._forward_outputs(student, teacher, target)
-        if self.uses_teacher and teacher is None:
-            raise ValueError(f"{type(self).__name__} needs teacher logits")
-        if self.uses_target and target is None:
-            raise ValueError(f"{type(self).__name__} needs targets")
+        self._check_inputs(teacher, target)
         s, t, y = flatten_rows(student, teacher if self.uses_teacher else None, target)
+        if self.batch_level:
+            keep = None if y is None else y != IGNORE_INDEX
+            return self._batch(kept_rows(s, keep), _kept_logits(t, keep), None if y is None else y[keep])
         if self.chunk_size is None or s.shape[0] <= self.chunk_size:
             total = self.kept_sum(s, t, y)
         else:
@@ -152,19 +196,37 @@ class LogitLoss(nn.Module):
             return total / s.shape[0]
         return total / (y != IGNORE_INDEX).sum(dtype=total.dtype).clamp_(min=1)
 
-    def _forward_outputs(self, student, teacher, target: Tensor | None) -> Tensor:
-        """The loss from :class:`kdcore.Outputs`: fused (:mod:`kdcore.fused`) where
-        ``chunk_size`` is set and a model gave ``hidden`` and ``head`` without
-        logits, from their logits otherwise (the same value and gradients)."""
-        teacher = teacher if self.uses_teacher else None
-        fuse = self.chunk_size is not None and not self.batch_level and any(
-            isinstance(o, Outputs) and o.projectable and not o.has_logits for o in (student, teacher))
-        if not fuse:
-            return self.forward(_logits(student), _logits(teacher), target)
+    def _check_inputs(self, teacher, target) -> None:
         if self.uses_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} needs teacher logits")
         if self.uses_target and target is None:
             raise ValueError(f"{type(self).__name__} needs targets")
+
+    def _batch(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
+        """:meth:`batch_value` on kept rows ``[n, C]``; 0 (zero gradients) when ``n`` is 0."""
+        s = upcast(student)
+        if s.shape[0] == 0:
+            return s.sum() * 0.0
+        t = None if teacher is None else self.teacher_side(upcast(teacher), target)
+        return self.batch_value(s, t, target if self.uses_target else None)
+
+    def _forward_outputs(self, student, teacher, target: Tensor | None) -> Tensor:
+        """The loss from :class:`kdcore.Outputs`: fused (:mod:`kdcore.fused`) where
+        ``chunk_size`` is set and a model gave ``hidden`` and ``head`` without
+        logits, from their logits otherwise (the same value and gradients). A
+        batch-level loss projects only the kept rows, in one piece."""
+        teacher = teacher if self.uses_teacher else None
+        self._check_inputs(teacher, target)
+        if self.batch_level:
+            keep = None if target is None else target.reshape(-1) != IGNORE_INDEX
+            s, t = _kept_logits(student, keep), _kept_logits(teacher, keep)
+            y = None if target is None else target.reshape(-1)[keep]
+            flatten_rows(s, t, y)  # shape checks
+            return self._batch(s, t, y)
+        fuse = self.chunk_size is not None and any(
+            isinstance(o, Outputs) and o.projectable and not o.has_logits for o in (student, teacher))
+        if not fuse:
+            return self.forward(_logits(student), _logits(teacher), target)
         total, count = fused_kept_sum(self.kept_sum, self.chunk_size, _pair(student),
                                       None if teacher is None else _pair(teacher), target)
         return total / count.to(total.dtype).clamp(min=1)

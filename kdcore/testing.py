@@ -125,6 +125,13 @@ def check_logit_loss(loss, classes: int = 7, seed: int = 0) -> None:
     - chunked evaluation (``chunk_size``, where the loss has it) changes nothing:
       value, student and teacher gradients (teacher with and without ``requires_grad``),
       under a non-unit upstream gradient.
+
+    A batch-level loss (``batch_level = True``, read with ``getattr`` so that
+    any loss object may declare it; docs/plugins.md) couples the rows of a
+    batch, so exactly one check does not apply and is skipped: chunked
+    evaluation (it refuses ``chunk_size``). Every other check above runs for it
+    too: token level vs flat, ignored rows dropped (the value on the kept rows
+    alone), all ignored gives 0, bfloat16.
     """
     uses_teacher = getattr(loss, "uses_teacher", True)
     b, t = 3, 5
@@ -155,7 +162,7 @@ def check_logit_loss(loss, classes: int = 7, seed: int = 0) -> None:
     _close(bf, reference, "bfloat16 inputs are computed in float32", rtol=1e-3, atol=1e-4)
     _close(bf_grad, grad, "bfloat16 inputs, student gradient", rtol=1e-2, atol=1e-3 * grad.abs().max().item())
 
-    if hasattr(loss, "chunk_size"):
+    if hasattr(loss, "chunk_size") and not getattr(loss, "batch_level", False):
         plain, chunked = copy.deepcopy(loss), copy.deepcopy(loss)
         plain.chunk_size, chunked.chunk_size = None, 4
         for teacher_grad in (False, True):

@@ -5,11 +5,14 @@ through ``kd`` and for every registered logit loss."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 import kdcore
+from kdcore.fused import head_parameters
 from kdcore.losses import LogitLoss
 from kdcore.plugins import default_registry
 
@@ -156,3 +159,99 @@ def test_batch_level_losses_refuse_chunking():
 
     with pytest.raises(kdcore.ConfigError, match="chunk_size: Corr is a batch-level loss"):
         Corr(chunk_size=4)
+
+
+class Model(nn.Module):
+    """A model whose head is a method (``model.project``), not a module."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear, self.unused = linear, nn.Linear(2, 2).double()
+
+    def project(self, h):
+        return 2.0 * torch.tanh(self.linear(h) / 2.0)
+
+
+class ExplicitHead:
+    """A plain callable that names its parameters with a ``parameters()`` method."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def __call__(self, h):
+        return h @ self.weight.T
+
+    def parameters(self):
+        return [self.weight]
+
+
+def _head_forms(linear):
+    weight = nn.Parameter(linear.weight.detach().clone())
+    return {
+        "bound method": (Model(linear).project, [linear.weight, linear.bias]),
+        "partial": (functools.partial(torch.nn.functional.linear, weight=linear.weight, bias=linear.bias),
+                    [linear.weight, linear.bias]),
+        "explicit parameters()": (ExplicitHead(weight), [weight]),
+    }
+
+
+@pytest.mark.parametrize("form", ["bound method", "partial", "explicit parameters()"])
+def test_head_rule_gives_the_dense_gradients_to_the_head(form):
+    hs, ht, _, t_head, target = models()
+    head, params = _head_forms(nn.Linear(H, V).double())[form]
+    assert {id(p) for p in params} <= {id(p) for p in head_parameters(head)}
+    results = []
+    for loss in (kdcore.create("loss", "kd"), kdcore.create("loss", "kd", chunk_size=4)):
+        for p in params:
+            p.grad = None
+        s_h = hs.clone().requires_grad_()
+        s = kdcore.Outputs(hidden=s_h, head=head) if loss.chunk_size else head(s_h)
+        (0.5 * loss(s, t_head(ht).detach(), target)).backward()
+        results.append([s_h.grad, *(p.grad for p in params)])
+    for dense, fused in zip(*results):
+        torch.testing.assert_close(fused, dense, rtol=1e-9, atol=1e-12)
+    if form == "bound method":  # parameters the head does not use get no gradient, as in the dense path
+        assert all(p.grad is None for p in head.__self__.unused.parameters())
+
+
+def test_a_plain_function_head_has_no_parameters():
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    assert head_parameters(lambda h: h @ w.T) == []
+
+
+def test_trainable_teacher_head_and_shared_head_get_their_gradients():
+    """Both heads trainable (an online teacher), and one head shared by both models."""
+    hs, ht, s_head, _, target = models()
+    t_head = nn.Linear(H, V).double()
+    for teacher_head in (t_head, s_head):
+        grads = []
+        for loss in (kdcore.create("loss", "kd"), kdcore.create("loss", "kd", chunk_size=4)):
+            heads = [s_head, teacher_head]
+            for p in (*s_head.parameters(), *t_head.parameters()):
+                p.grad = None
+            s_h, t_h = hs.clone().requires_grad_(), hs.flip(0).clone().requires_grad_()
+            if loss.chunk_size:
+                value = loss(kdcore.Outputs(hidden=s_h, head=heads[0]), kdcore.Outputs(hidden=t_h, head=heads[1]),
+                             target)
+            else:
+                value = loss(heads[0](s_h), heads[1](t_h), target)
+            value.backward()
+            grads.append([s_h.grad, t_h.grad] + [p.grad for p in (*s_head.parameters(), *t_head.parameters())])
+        for dense, fused in zip(*grads):
+            assert (dense is None) == (fused is None)
+            if dense is not None:
+                torch.testing.assert_close(fused, dense, rtol=1e-9, atol=1e-12)
+
+
+def test_student_outputs_with_teacher_logits_and_ce_without_teacher():
+    hs, ht, s_head, t_head, target = models()
+    s_h = hs.clone().requires_grad_()
+    fused = kdcore.create("loss", "kd", chunk_size=4)(kdcore.Outputs(hidden=s_h, head=s_head), t_head(ht), target)
+    dense = kdcore.create("loss", "kd")(s_head(hs), t_head(ht), target)
+    torch.testing.assert_close(fused, dense, rtol=1e-10, atol=1e-12)
+    ce = kdcore.create("loss", "ce", chunk_size=4)(kdcore.Outputs(hidden=hs, head=s_head), None, target)
+    torch.testing.assert_close(ce, kdcore.create("loss", "ce")(s_head(hs), None, target), rtol=1e-10, atol=1e-12)
+
+
+def test_kd_without_target_keeps_every_row():
+    compare(kdcore.create("loss", "kd"), kdcore.create("loss", "kd", chunk_size=4), target_none=True)
