@@ -29,14 +29,15 @@ from kdcore.errors import ConfigError
 from kdcore.functional import IGNORE_INDEX, flatten_rows, upcast
 from kdcore.fused import kept_rows, fused_kept_sum
 from kdcore.outputs import Outputs
+from kdcore.registry import current_registry
 
 Spec = str | Mapping[str, Any] | Callable[..., Any]
 
 
 def build(kind: str, spec: Spec, path: str) -> Any:
-    """Resolve a component given by name, ``{"name": ..., **params}`` or object."""
-    from kdcore.api import create
-
+    """Resolve a component given by name, ``{"name": ..., **params}`` or object,
+    from the registry that is building the calling component (else the default one)."""
+    create = current_registry().create
     if isinstance(spec, str):
         return create(kind, spec)
     if isinstance(spec, Mapping):

@@ -25,7 +25,7 @@ import pluggy
 from kdcore import hookspecs
 from kdcore.env import env_flag
 from kdcore.errors import ConfigError, DuplicateComponentError, PluginError
-from kdcore.registry import Component, FailedPlugin, PluginInfo, Registry
+from kdcore.registry import Component, FailedPlugin, PluginInfo, Registry, provide_default
 
 ENTRY_POINT_GROUP = "kdcore"
 BUILTIN = "builtin"
@@ -172,6 +172,9 @@ def load_registry(env: Mapping[str, str] | None = None,
 def default_registry() -> Registry:
     """The registry of the installed plugins, built on first use."""
     return load_registry()
+
+
+provide_default(default_registry)
 
 
 def reload_plugins() -> Registry:

@@ -7,8 +7,10 @@ they like with different plugin sets.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import attrs
@@ -16,6 +18,38 @@ import attrs
 from kdcore.errors import ConfigError, UnknownComponentError
 from kdcore.hookspecs import KINDS
 from kdcore.imports import is_python_ref, resolve
+
+
+#: the registry whose ``create`` is running (components resolve the components
+#: they name, e.g. a loss's ``divergence = "jsd"``, from the same registry)
+_CREATING: ContextVar["Registry | None"] = ContextVar("kdcore_creating", default=None)
+#: where components built outside any ``create`` call resolve names: the
+#: installed plugins' registry, provided by :mod:`kdcore.plugins` when it loads
+_DEFAULT: list[Callable[[], "Registry"]] = []
+
+
+def provide_default(get_registry: Callable[[], "Registry"]) -> None:
+    """Name the function that returns the default registry (called once by kdcore.plugins)."""
+    _DEFAULT[:] = [get_registry]
+
+
+def current_registry() -> "Registry":
+    """The registry building the current component, else the default registry."""
+    active = _CREATING.get()
+    if active is not None:
+        return active
+    if not _DEFAULT:
+        raise RuntimeError("no default registry: import kdcore first")
+    return _DEFAULT[0]()
+
+
+@contextlib.contextmanager
+def _creating(registry: "Registry") -> Iterator[None]:
+    token = _CREATING.set(registry)
+    try:
+        yield
+    finally:
+        _CREATING.reset(token)
 
 
 @attrs.frozen
@@ -134,7 +168,8 @@ class Registry:
         component = self.get(kind, name)
         check_parameters(component, params)
         try:
-            return component.factory(**params)
+            with _creating(self):
+                return component.factory(**params)
         except ConfigError:
             raise
         except (TypeError, ValueError) as exc:

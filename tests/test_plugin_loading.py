@@ -233,3 +233,27 @@ print(json.dumps(out))
     bad = subprocess.run([sys.executable, "-m", "kdcore", "hello", "--name", "bad"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--name: 'bad'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_components_resolve_named_components_from_the_registry_building_them():
+    """A loss built by a registry finds the divergence it names in that registry,
+    not in the default one (a registry with an extra plugin, as tests and
+    notebooks build them)."""
+    import types
+
+    import torch
+
+    mod = types.ModuleType("extra_div")
+
+    @kdcore.hookimpl
+    def register_divergences(register):
+        register("half_kl", lambda: (lambda t, s: 0.5 * (t.exp() * (t - s)).sum(-1)))
+
+    mod.register_divergences = register_divergences
+    reg = load_registry(env={"KDCORE_PLUGINS": ""}, extra_plugins=[("extra_div", mod)])
+    loss = reg.create("loss", "kd", temperature=1.0, divergence="half_kl")
+    full = reg.create("loss", "kd", temperature=1.0)
+    s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    torch.testing.assert_close(loss(s, t, None), 0.5 * full(s, t, None))
+    with pytest.raises(kdcore.UnknownComponentError, match="half_kl"):
+        kdcore.create("loss", "kd", divergence="half_kl")
