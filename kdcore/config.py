@@ -419,7 +419,7 @@ def check_components(config: Config, registry: Registry) -> None:
         try:
             comp = registry.get(kind, name)
         except UnknownComponentError as exc:
-            raise ConfigError(f"{path}.{name_key}: {exc}") from None
+            raise ConfigError(f"{path}.{name_key}: {exc}" if name_key else f"{path}: {exc}") from None
         try:
             check_parameters(comp, {k: v for k, v in params.items() if k not in reserved})
         except ConfigError as exc:
@@ -430,8 +430,20 @@ def check_components(config: Config, registry: Registry) -> None:
         m = getattr(config, section)
         if m is not None:
             check("backbone", m.backbone, m.params, section, "backbone", ("num_classes", "in_features"))
+    def nested(kind: str, spec: Any, path: str) -> None:
+        if isinstance(spec, str):
+            check(kind, spec, {}, path, name_key="")
+        elif isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+            check(kind, spec["name"], {k: v for k, v in spec.items() if k != "name"}, path)
+
     for i, term in enumerate(config.loss):
         check("loss", term.name, term.params, f"loss[{i}]")
+        for key, value in term.params.items():  # the components a term names by convention
+            if key == "divergence" or key.endswith("_divergence"):
+                nested("divergence", value, f"loss[{i}].{key}")
+            elif key == "transforms" and isinstance(value, list):
+                for j, spec in enumerate(value):
+                    nested("transform", spec, f"loss[{i}].transforms[{j}]")
         if isinstance(term.schedule, str):
             check("scheduler", term.schedule, {}, f"loss[{i}].schedule")
         elif isinstance(term.schedule, Mapping):

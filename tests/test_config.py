@@ -151,3 +151,17 @@ def test_existing_paths_become_absolute(tmp_path, monkeypatch):
     assert conf.data.params["root"] == str((tmp_path / "cfgs" / "data").resolve())
     assert conf.data.params["split_name"] == "data"  # not a path key: unchanged
     assert cfg.load(tmp_path / "cfgs" / "c.toml", ["teacher.checkpoint=missing.pt"]).teacher.checkpoint == "missing.pt"
+
+
+@pytest.mark.parametrize("term, message", [
+    ('divergence = "klx"', r"^loss\[1\]\.divergence: unknown divergence 'klx'; did you mean 'kl'"),
+    ('divergence = { name = "rklx" }', r"^loss\[1\]\.divergence\.name: unknown divergence 'rklx'"),
+    ('divergence = { name = "kl", bogus = 1 }', r"^loss\[1\]\.divergence\.bogus"),
+    ('transforms = ["temperature", { name = "label_smoothin" }]',
+     r"^loss\[1\]\.transforms\[1\]\.name: unknown transform 'label_smoothin'"),
+])
+def test_components_named_inside_a_term_are_checked(tmp_path, term, message):
+    """A term's nested divergence and transform tables are checked before the run
+    starts, with the key path (so a missing plugin is named, not found mid-run)."""
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, BASE.replace("temperature = 4.0", f"temperature = 4.0\n{term}") + TEACHER)
