@@ -52,9 +52,11 @@ def train(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Pa
     trainer = build_trainer(config, out_dir, overrides, quiet=quiet, registry=registry)
     try:
         with RunDir.open(out_dir, resume=resume, overwrite=overwrite, main=trainer.dist.is_main) as run_dir:
+            state = None
             if resume:
-                check_resume(load_checkpoint(run_dir.last), trainer.config, trainer.student, path=run_dir.last)
-            return trainer.fit(resume=resume)
+                state = load_checkpoint(run_dir.last)
+                check_resume(state, trainer.config, trainer.student, path=run_dir.last)
+            return trainer.fit(resume=resume, state=state)
     finally:
         from kdcore.engine import distributed
 

@@ -19,6 +19,7 @@ import torch
 from kdcore import config as cfg
 from kdcore.engine.batches import Batches, batch_index_lists, epoch_generator
 from kdcore.engine.meter import Meter
+from kdcore.engine.models import load_checkpoint
 from kdcore.engine.rundir import JsonLines, Scalars, atomic_torch_save, atomic_write, dumps_record
 from kdcore.errors import ConfigError
 
@@ -83,11 +84,13 @@ def _save_last(trainer) -> None:
     trainer.dist.barrier()
 
 
-def _resume(trainer) -> None:
+def _resume(trainer, state: dict[str, Any] | None) -> None:
+    """Continue from ``state`` (``last.pt`` as already read and checked), else read it."""
     last = trainer.out / "checkpoints" / "last.pt" if trainer.out is not None else None
-    if last is None or not last.exists():
-        raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
-    state = torch.load(last, map_location=trainer.device, weights_only=True)
+    if state is None:
+        if last is None or not last.exists():
+            raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
+        state = load_checkpoint(last)
     if state.get("config") != cfg.dumps(trainer.config):
         _say(trainer, "kdcore: note: the configuration differs from the checkpoint's; resuming anyway")
     trainer.load_state_dict(state)
@@ -95,13 +98,14 @@ def _resume(trainer) -> None:
     _say(trainer, f"resuming from {last} (epoch {trainer.epoch}, step {trainer.step}{where})")
 
 
-def fit(trainer, resume: bool = False) -> dict[str, Any]:
-    """Train to the end; returns the summary written to ``summary.json``."""
+def fit(trainer, resume: bool = False, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train to the end; returns the summary written to ``summary.json``.
+    ``state``: the checkpoint to resume from, where the caller has read it."""
     main, out = trainer.dist.is_main, trainer.out
     metrics = JsonLines(out / "metrics.jsonl") if out is not None else None
     steps_log = JsonLines(out / "steps.jsonl") if out is not None else None
     if resume:
-        _resume(trainer)
+        _resume(trainer, state)
     if trainer.term_params:
         _say(trainer, f"loss terms add {trainer.term_parameter_count:,} trainable parameters")
     if main and out is not None:

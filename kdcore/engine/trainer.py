@@ -28,6 +28,7 @@ from kdcore.engine.objective import Objective
 from kdcore.errors import ConfigError
 from kdcore.functional import IGNORE_INDEX
 from kdcore.outputs import Outputs
+from kdcore.policy import StepContext
 from kdcore.registry import Registry
 from kdcore.schedule import Progress
 from kdcore.weighting import GradientContext, GradientWeighting, unflatten_into
@@ -66,8 +67,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fastest convolution algorithms for fixed shapes
         torch.manual_seed(run.seed)
 
-        self.objective = Objective.from_config(config, registry)  # cheap checks first
+        self.objective = Objective.from_config(config, registry, self.dist.world)  # cheap checks first
         self.weighting = self._build_weighting()
+        self.batch_policy = self._build_batch_policy()
         try:
             self.data = registry.create("dataset", config.data.name, **config.data.params)
         except ConfigError as exc:
@@ -131,6 +133,16 @@ class Trainer:
         if self.config.run.accumulate > 1:
             raise ConfigError("run.accumulate: gradient-aware [weighting] needs whole batches (accumulate = 1)")
         return w
+
+    def _build_batch_policy(self):
+        """The ``[batch_policy]`` component that replaces each step's batch (:mod:`kdcore.policy`), or None."""
+        pc = self.config.batch_policy
+        if pc is None:
+            return None
+        try:
+            return self.registry.create("batch_policy", pc.name, **pc.params)
+        except ConfigError as exc:
+            raise exc.with_path("batch_policy") from None
 
     def _materialise_lazy_terms(self) -> None:
         """Run the loss terms once on the first batch, without learning, when a term
@@ -237,6 +249,10 @@ class Trainer:
     def train_step(self, batch: Batch, meter: Meter | None = None, aux=None) -> dict[str, Tensor]:
         """One optimizer step on a batch; returns the unweighted term losses (the step's means)."""
         progress = self.progress()
+        if self.batch_policy is not None:  # the step's batch, before any forward pass
+            batch = self.batch_policy(batch, StepContext(
+                self.student, self.teacher, progress, self.config.run.seed, self.device, self.dist.rank,
+                self.dist.world, self.autocast))
         lr = self.config.optim.lr * self.lr_factor(progress.epoch)
         if lr != self.optimizer.param_groups[0]["lr"]:
             for group in self.optimizer.param_groups:
@@ -423,8 +439,9 @@ class Trainer:
         self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
         checkpoints.set_rng_state(state["rng"])
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train for ``run.epochs`` epochs (or ``run.max_steps`` steps); returns the summary."""
+    def fit(self, resume: bool = False, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Train for ``run.epochs`` epochs (or ``run.max_steps`` steps); returns the summary.
+        ``state``: the ``last.pt`` to resume from, where the caller has read it."""
         from kdcore.engine.loop import fit
 
-        return fit(self, resume=resume)
+        return fit(self, resume=resume, state=state)
