@@ -1,6 +1,6 @@
 """Numerically robust building blocks shared by the distillation losses.
 
-Conventions (methods.md): everything works in log space; a probability that
+Conventions (docs/conventions.md): everything works in log space; a probability that
 is exactly 0 (a ``-inf`` logit, e.g. a padded vocabulary column, or an
 underflow) contributes 0 to a sum ``p * (...)`` and no NaN to the gradient.
 """

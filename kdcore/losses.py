@@ -7,7 +7,7 @@ mean over kept positions. Subclasses of :class:`LogitLoss` only write
 :meth:`LogitLoss.rows`, the per-row value on float32 rows; this class does the
 flattening, masking, dtype handling, teacher transforms and the optional
 chunked evaluation (``chunk_size``) that bounds memory on large vocabularies.
-Every logit loss also takes :class:`kdcore.Outputs` for either model (contract.md,
+Every logit loss also takes :class:`kdcore.Outputs` for either model (docs/outputs.md,
 "Model outputs"): with ``chunk_size`` and ``hidden`` / ``head`` but no logits it
 projects chunk by chunk (:mod:`kdcore.fused`, docs/fused.md).
 
@@ -94,7 +94,7 @@ class LogitLoss(nn.Module):
 
     Parameters common to every logit loss:
 
-    - ``temperature``: T, the softening temperature (methods.md conventions);
+    - ``temperature``: T, the softening temperature (docs/conventions.md);
     - ``transforms``: a chain of teacher soft-label transforms, applied to the
       teacher's log-probabilities at T=1 before the loss's own temperature
       (``log_softmax(log p / T)`` is the softened transformed teacher);

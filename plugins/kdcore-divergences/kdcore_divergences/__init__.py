@@ -1,4 +1,4 @@
-"""kdcore-divergences: divergences for token-level distillation (methods.md).
+"""kdcore-divergences: divergences for token-level distillation (docs/methods/divergences.md).
 
 Registers the divergences ``jsd`` (generalised Jensen-Shannon, GKD),
 ``skew_kl`` / ``skew_rkl`` (DistiLLM), ``tvd`` (total variation) and ``akl``

@@ -1,5 +1,5 @@
-"""Divergences for token-level distillation (methods.md, "Divergences for
-token-level distillation"). ``p`` is the teacher, ``q`` the student, per row.
+"""Divergences for token-level distillation (definitions: docs/methods/divergences.md).
+``p`` is the teacher, ``q`` the student, per row.
 
 Every divergence here is ``div(teacher_logp, student_logp)``: log-probabilities
 normalised over the last dim in, the value per row out (last dim reduced).
