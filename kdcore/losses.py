@@ -164,6 +164,13 @@ class LogitLoss(nn.Module):
             logp = transform(logp, target)
         return logp
 
+    def lean_kd_temperature(self) -> float | None:
+        """T where this loss is exactly ``T^2 KL(softmax(teacher / T) || softmax(student / T))``
+        per row on the teacher's logits as given (no transforms), else None (the
+        default). The fused path then evaluates a frozen teacher's chunks with
+        :func:`kdcore.fused.kd_chunk`, which keeps fewer chunk-sized buffers."""
+        return None
+
     def kept_sum(self, student: Tensor, teacher: Tensor | None, target: Tensor | None) -> Tensor:
         """Sum of :meth:`rows` over the kept rows (all rows when ``target`` is None).
 
@@ -229,7 +236,8 @@ class LogitLoss(nn.Module):
         if not fuse:
             return self.forward(_logits(student), _logits(teacher), target)
         total, count = fused_kept_sum(self.kept_sum, self.chunk_size, _pair(student),
-                                      None if teacher is None else _pair(teacher), target)
+                                      None if teacher is None else _pair(teacher), target,
+                                      self.lean_kd_temperature())
         return total / count.to(total.dtype).clamp(min=1)
 
     def extra_repr(self) -> str:

@@ -57,7 +57,12 @@ class TiedHead(nn.Module):
 
 
 def compare(dense_loss, fused_loss, head="linear", teacher_grad=True, seed=0, target_none=False):
+    """Dense and fused value and gradients; ``teacher_grad=False``: the teacher's
+    hidden states and head are frozen."""
     hs, ht, s_head, t_head, target = models(seed, head)
+    if head == "padded":
+        s_head, t_head = PaddedHead(s_head), PaddedHead(t_head)
+    t_head.requires_grad_(teacher_grad)
     if target_none:
         target = None
     results = []
@@ -255,3 +260,109 @@ def test_student_outputs_with_teacher_logits_and_ce_without_teacher():
 
 def test_kd_without_target_keeps_every_row():
     compare(kdcore.create("loss", "kd"), kdcore.create("loss", "kd", chunk_size=4), target_none=True)
+
+
+class PaddedHead(nn.Module):
+    """A linear head whose last two vocabulary columns are padding (-inf logits)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, h):
+        z = self.linear(h)
+        return torch.cat([z[..., :-2], torch.full_like(z[..., -2:], float("-inf"))], dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("head", ["linear", "softcap", "tied", "padded"])
+def test_lean_kd_chunk_equals_dense_with_a_frozen_teacher(monkeypatch, head, temperature):
+    """kd with a frozen teacher goes through kdcore.fused.kd_chunk and gives the dense
+    value and gradients (student hidden states and head) in float64."""
+    import kdcore.fused as fused
+
+    calls = []
+    real = fused.kd_chunk
+    monkeypatch.setattr(fused, "kd_chunk", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    value = compare(kdcore.create("loss", "kd", temperature=temperature),
+                    kdcore.create("loss", "kd", temperature=temperature, chunk_size=4),
+                    head=head, teacher_grad=False, seed=3)
+    assert torch.isfinite(value)
+    assert calls and max(calls) <= 4
+
+
+def test_lean_kd_chunk_is_not_used_where_it_does_not_apply(monkeypatch):
+    """A trainable teacher, another divergence, transforms and rkd take the general chunk."""
+    import kdcore.fused as fused
+
+    monkeypatch.setattr(fused, "kd_chunk", lambda *a: pytest.fail("lean path taken"))
+    hs, ht, s_head, t_head, target = models()
+    for loss in (kdcore.create("loss", "kd", chunk_size=4, divergence="rkl"),
+                 kdcore.create("loss", "rkd", chunk_size=4),
+                 kdcore.create("loss", "kd", chunk_size=4, transforms=[{"name": "temperature", "temperature": 2.0}])):
+        loss(kdcore.Outputs(hidden=hs, head=s_head), kdcore.Outputs(hidden=ht, head=t_head.requires_grad_(False)),
+             target)
+    trainable = nn.Linear(H + 2, V).double()
+    kdcore.create("loss", "kd", chunk_size=4)(kdcore.Outputs(hidden=hs, head=s_head),
+                                              kdcore.Outputs(hidden=ht, head=trainable), target)
+
+
+def test_lean_kd_chunk_leaves_given_logits_untouched():
+    """A teacher given as a logits tensor, a student head returning its input: the lean
+    path overwrites only buffers it owns."""
+    hs, ht, s_head, t_head, target = models()
+    t_logits = t_head(ht).detach()
+    before = t_logits.clone()
+    s_logits = s_head(hs).detach().requires_grad_()
+    kept = s_logits.detach().clone()
+    identity = lambda z: z  # noqa: E731 - a head that returns its input
+    value = kdcore.create("loss", "kd", temperature=2.0, chunk_size=4)(
+        kdcore.Outputs(hidden=s_logits, head=identity), t_logits, target)
+    value.backward()
+    assert torch.equal(t_logits, before) and torch.equal(s_logits.detach(), kept)
+    dense_s = kept.clone().requires_grad_()
+    dense = kdcore.create("loss", "kd", temperature=2.0)(dense_s, before, target)
+    dense.backward()
+    torch.testing.assert_close(value, dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s_logits.grad, dense_s.grad, rtol=1e-9, atol=1e-12)
+
+
+def _kd_reference(student, teacher, temperature):
+    """Sum over rows of T^2 sum_k p_k (log p_k - log q_k), from the equation, float64."""
+    s, t = student.double() / temperature, teacher.double() / temperature
+    logp = t - torch.logsumexp(t, -1, keepdim=True)
+    logq = s - torch.logsumexp(s, -1, keepdim=True)
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+    return temperature ** 2 * terms.sum(), temperature * (logq.exp() - p)
+
+
+def test_kd_chunk_against_the_equation():
+    from kdcore.fused import kd_chunk
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 9, generator=g, dtype=torch.float64) * 3, torch.randn(6, 9, generator=g, dtype=torch.float64)
+    t[:, 0] = float("-inf")  # a padded column: p = 0 there
+    ref_value, ref_grad = _kd_reference(s, t, 1.7)
+    value, grad = kd_chunk(s.clone(), t.clone(), 1.7)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4, 1e8]), temperature=st.sampled_from([0.5, 1.0, 4.0]),
+       seed=st.integers(0, 2 ** 16))
+def test_kd_chunk_is_finite_on_extreme_float32_inputs(scale, temperature, seed):
+    from kdcore.fused import kd_chunk
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(5, 13, generator=g) * scale
+    t = torch.randn(5, 13, generator=g) * scale
+    value, grad = kd_chunk(s.clone(), t.clone(), temperature)
+    assert torch.isfinite(value) and bool(torch.isfinite(grad).all())
+    ref_value, ref_grad = _kd_reference(s, t, temperature)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-4, atol=1e-4 * temperature ** 2 * max(1.0, scale))
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5 * temperature)

@@ -62,6 +62,12 @@ class KD(LogitLoss):
             return kd_rows(student, teacher, t)  # fused forward and backward
         return t * t * self.divergence(log_softmax_t(teacher, t), log_softmax_t(student, t))
 
+    def lean_kd_temperature(self) -> float | None:
+        cls = type(self)
+        plain = (cls.rows is KD.rows and cls.kept_sum is LogitLoss.kept_sum
+                 and cls.teacher_side is LogitLoss.teacher_side)
+        return self.temperature if plain and type(self.divergence) is KL and not self.transforms else None
+
 
 class ReverseKD(LogitLoss):
     """``rkd``: reverse KL ``T^2 * KL(q^T || p^T)`` (mode-seeking)."""
