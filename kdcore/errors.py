@@ -62,3 +62,14 @@ class NonFiniteLoss(RunFailure):
         super().__init__(f"step {step}: loss term {term!r} is {value} (non-finite); the run stopped and "
                          "kept its last finite checkpoint (lower optim.lr, or set optim.clip_grad_norm)")
         self.step, self.term, self.value = step, term, value
+
+
+class NonFiniteGradient(RunFailure):
+    """A training step whose losses were finite produced a non-finite gradient
+    (exit 1; the last finite checkpoint is kept, as for :class:`NonFiniteLoss`)."""
+
+    def __init__(self, step: int, where: str, value: float):
+        super().__init__(f"step {step}: the gradient of {where} has norm {value} (non-finite) while every loss "
+                         "was finite; the run stopped and kept its last finite checkpoint (lower optim.lr, or "
+                         "look for a loss whose gradient is not finite at that value)")
+        self.step, self.where, self.value = step, where, value

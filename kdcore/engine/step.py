@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from kdcore.engine.batches import Batch
 from kdcore.engine.distributed import Dist
 from kdcore.engine.taps import Tapping
-from kdcore.errors import NonFiniteLoss
+from kdcore.errors import NonFiniteGradient, NonFiniteLoss
 from kdcore.outputs import Outputs
 
 
@@ -126,14 +126,25 @@ def _local_norm(grads: list[Tensor]) -> Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def clip_gradients(groups: Sequence[Sequence[nn.Parameter]], max_norm: float) -> Tensor:
+def gradient_norms(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
+    """The gradient norm of each group of parameters ``[len(groups)]`` (sharded
+    gradients reduced over the ranks), 0 for a group without gradients: one
+    fused norm per group, on the gradients' device."""
+    norms = [_local_norm(g) if g else None for g in ([p.grad for p in ps if p.grad is not None] for ps in groups)]
+    found = [n for n in norms if n is not None]
+    if not found:
+        return torch.zeros(len(groups))
+    zero = torch.zeros((), device=found[0].device, dtype=found[0].dtype)
+    return torch.stack([zero if n is None else n.to(zero.device) for n in norms])
+
+
+def clip_gradients(groups: Sequence[Sequence[nn.Parameter]], max_norm: float,
+                   norms: Tensor | None = None) -> Tensor:
     """Clip the global gradient norm over every group (student and loss terms,
-    sharded or not) to ``max_norm``; returns the norm before clipping."""
-    grads = [[p.grad for p in ps if p.grad is not None] for ps in groups]
-    norms = [_local_norm(g) for g in grads if g]
-    if not norms:
-        return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    sharded or not) to ``max_norm``; returns the norm before clipping.
+    ``norms``: the groups' :func:`gradient_norms`, where already computed."""
+    norms = gradient_norms(groups) if norms is None else norms
+    total = torch.linalg.vector_norm(norms)
     for ps in groups:
         with_grad = [p for p in ps if p.grad is not None]
         if with_grad:
@@ -142,34 +153,83 @@ def clip_gradients(groups: Sequence[Sequence[nn.Parameter]], max_norm: float) ->
 
 
 class FiniteGuard:
-    """Stops a run at the first non-finite loss.
+    """Stops a run at the first step with a non-finite loss, or with a
+    non-finite gradient while its losses were finite.
 
-    On the CPU each step is checked as it ends (no cost: there is no device to
-    wait for), naming the term. On an accelerator the steps never wait for the
-    host: the first bad step is recorded on the device and :meth:`check`
-    (called at logging points and epoch ends) raises for it.
+    ``terms`` are the objective's term ids and ``groups`` the names of the
+    parameter groups whose gradient norms :meth:`observe_gradients` receives
+    (the student, each loss term with parameters). On the CPU each step is
+    checked as it ends (no cost: there is no device to wait for), naming the
+    term or the group. On an accelerator the steps never wait for the host:
+    the first bad step, what it was (loss or gradient), the term or group and
+    its value are recorded on the device, and :meth:`check` (called at logging
+    points and epoch ends) raises for it.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, terms: Sequence[str] = (), groups: Sequence[str] = ()):
         self.eager = device.type == "cpu"
-        self.bad_step: Tensor | None = None  # -1 while every step was finite
+        self.terms, self.groups = list(terms), list(groups)
+        self._bad_gradient: tuple[int, str, float] | None = None  # CPU: until the step's losses are read
+        #: accelerators: ``[step, kind (0 loss, 1 gradient), index]`` of the first bad step (-1: none) and its value
+        self._first: Tensor | None = None
+        self._value: Tensor | None = None
+        self._term_index: dict[tuple[str, ...], Tensor] = {}
+
+    def observe_gradients(self, step: int, norms: Tensor) -> None:
+        """Record the gradient norms ``[len(groups)]`` of step ``step`` (before its losses)."""
+        if self.eager:
+            if not math.isfinite(float(norms.sum())):
+                i = int((~torch.isfinite(norms)).nonzero()[0])
+                self._bad_gradient = (step, self.groups[i], float(norms[i]))
+            return
+        self._record(step, 1, norms.detach().float(), None)
 
     def observe(self, step: int, losses: Mapping[str, Tensor], total: Tensor) -> None:
         """Record step ``step`` (its term losses and their weighted ``total``)."""
         if self.eager:
+            bad_gradient, self._bad_gradient = self._bad_gradient, None
             if math.isfinite(float(total.detach())):
+                if bad_gradient is not None:
+                    raise NonFiniteGradient(*bad_gradient)
                 return  # one read per step; the terms are looked at only when the total is bad
             for name, value in {**losses, "total": total}.items():
                 v = float(value.detach())
                 if not math.isfinite(v):
                     raise NonFiniteLoss(step, name, v)
             return
-        bad = ~torch.isfinite(total.detach().float())
-        if self.bad_step is None:
-            self.bad_step = torch.full((), -1, dtype=torch.long, device=bad.device)
-        first = bad & (self.bad_step < 0)
-        self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
+        values = torch.stack([v.detach().float().reshape(()) for v in (*losses.values(), total)])
+        self._record(step, 0, values, tuple(losses))
+
+    def _record(self, step: int, kind: int, values: Tensor, names: tuple[str, ...] | None) -> None:
+        """Keep ``(step, kind, index of the first non-finite value)`` and that value on the
+        device where nothing was kept yet; a step's losses take precedence over its gradients."""
+        device = values.device
+        if self._first is None:
+            self._first = torch.full((3,), -1, dtype=torch.long, device=device)
+            self._value = torch.zeros((), device=device)
+        bad = ~torch.isfinite(values)
+        pos = bad.int().argmax()
+        index = pos if names is None else self._indices(names, device)[pos]
+        free = (self._first[0] < 0) | ((self._first[0] == step) & (self._first[1] == 1) & (kind == 0))
+        take = bad.any() & free
+        new = torch.stack([torch.full_like(index, step), torch.full_like(index, kind), index])
+        self._first = torch.where(take, new, self._first)
+        self._value = torch.where(take, values[pos], self._value)
+
+    def _indices(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        """The positions in ``terms`` of ``names``, then -1 for the total (cached per tuple)."""
+        if names not in self._term_index:
+            self.terms += [n for n in names if n not in self.terms]
+            self._term_index[names] = torch.tensor([*(self.terms.index(n) for n in names), -1], device=device)
+        return self._term_index[names]
 
     def check(self) -> None:
-        if self.bad_step is not None and int(self.bad_step) >= 0:
-            raise NonFiniteLoss(int(self.bad_step), "total", float("nan"))
+        if self._first is None:
+            return
+        step, kind, index = (int(x) for x in self._first.tolist())
+        if step < 0:
+            return
+        value = float(self._value)
+        if kind == 1:
+            raise NonFiniteGradient(step, self.groups[index], value)
+        raise NonFiniteLoss(step, "total" if index < 0 else self.terms[index], value)
