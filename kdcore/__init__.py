@@ -8,7 +8,6 @@
 __version__ = "0.1.0"
 
 from kdcore.api import available, create
-from kdcore.engine import train
 from kdcore.errors import ConfigError, PluginError, UnknownComponentError
 from kdcore.hookspecs import hookimpl
 from kdcore.losses import LogitLoss
@@ -17,3 +16,13 @@ from kdcore.plugins import reload_plugins
 
 __all__ = ["__version__", "available", "create", "train", "hookimpl", "ConfigError", "PluginError",
            "UnknownComponentError", "LogitLoss", "Outputs", "reload_plugins"]
+
+
+def __getattr__(name: str):
+    """``kdcore.train`` imports the engine on first use: commands and programs
+    that only list or create components do not pay for it."""
+    if name == "train":
+        from kdcore.engine import train
+
+        return train
+    raise AttributeError(f"module 'kdcore' has no attribute {name!r}")

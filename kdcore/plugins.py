@@ -25,7 +25,7 @@ import pluggy
 from kdcore import hookspecs
 from kdcore.env import env_flag
 from kdcore.errors import ConfigError, DuplicateComponentError, PluginError
-from kdcore.registry import Component, FailedPlugin, PluginInfo, Registry, provide_default
+from kdcore.registry import Component, FailedPlugin, PluginInfo, Registry, is_lazy_target, provide_default
 
 ENTRY_POINT_GROUP = "kdcore"
 BUILTIN = "builtin"
@@ -82,8 +82,9 @@ def _collect(pm: pluggy.PluginManager, plugin: Any, name: str, dist: str | None,
             def register(cname: str, factory: Any, *, _kind: str = kind) -> None:
                 if not isinstance(cname, str) or not cname:
                     raise PluginError(f"plugin {name!r} registered a {_kind} with an invalid name {cname!r}")
-                if not callable(factory):
-                    raise PluginError(f"plugin {name!r} registered {_kind} {cname!r} with a non-callable factory")
+                if not callable(factory) and not is_lazy_target(factory):
+                    raise PluginError(f"plugin {name!r} registered {_kind} {cname!r} with a factory that is "
+                                      f"neither callable nor a lazy 'module:attribute' string: {factory!r}")
                 found.append(Component(_kind, cname, factory, name, dist, version))
 
             impl.function(register=register)

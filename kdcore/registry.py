@@ -8,14 +8,16 @@ they like with different plugin sets.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
 import attrs
 
-from kdcore.errors import ConfigError, UnknownComponentError
+from kdcore.errors import ConfigError, PluginError, UnknownComponentError
 from kdcore.hookspecs import KINDS
 from kdcore.imports import is_python_ref, resolve
 
@@ -52,16 +54,48 @@ def _creating(registry: "Registry") -> Iterator[None]:
         _CREATING.reset(token)
 
 
+#: a lazy factory: ``"package.module:attribute"`` (attribute may be dotted)
+_LAZY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def is_lazy_target(target: Any) -> bool:
+    """Whether ``target`` is a lazy factory, ``"module:attribute"``."""
+    return isinstance(target, str) and _LAZY.fullmatch(target) is not None
+
+
 @attrs.frozen
 class Component:
-    """One registered factory and where it came from."""
+    """One registered factory and where it came from.
+
+    ``target`` is the factory itself or a lazy factory ``"module:attribute"``,
+    imported the first time :attr:`factory` is read (so that listing names
+    costs no import of the plugin's heavy dependencies)."""
 
     kind: str
     name: str
-    factory: Callable[..., Any]
+    target: Callable[..., Any] | str
     plugin: str
     dist: str | None = None
     version: str | None = None
+
+    @property
+    def factory(self) -> Callable[..., Any]:
+        """The factory (a lazy one imported now; a broken one is a :class:`PluginError`)."""
+        if callable(self.target):
+            return self.target
+        module_name, _, attr = self.target.partition(":")
+        where = f"{self.kind} {self.name!r} of plugin {self.plugin!r}: lazy factory {self.target!r}"
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as exc:
+            raise PluginError(f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise PluginError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise PluginError(f"{where}: {attr!r} is not a class or function")
+        return obj
 
 
 @attrs.frozen

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from kdcore import hookimpl
-from kdcore_vision import cifar, digits, imagefolder
-from kdcore_vision.torchvision_models import classification_models, torchvision_factory
+from kdcore_vision import cifar, digits
+from kdcore_vision.torchvision_models import CLASSIFIERS, torchvision_factory
 from kdcore_vision.zoo import CIFAR_MODELS
 from kdcore_vision.zoo_checkpoints import add_import_command
 
@@ -13,7 +13,7 @@ from kdcore_vision.zoo_checkpoints import add_import_command
 def register_backbones(register):
     for name, factory in CIFAR_MODELS.items():
         register(name, factory)
-    for name in classification_models():
+    for name in CLASSIFIERS:
         register(f"tv.{name}", torchvision_factory(name))
 
 
@@ -21,7 +21,7 @@ def register_backbones(register):
 def register_datasets(register):
     register("cifar10", cifar.cifar10)
     register("cifar100", cifar.cifar100)
-    register("imagefolder", imagefolder.imagefolder)
+    register("imagefolder", "kdcore_vision.imagefolder:imagefolder")  # lazy: torchvision loads when used
     register("digits", digits.digits)
 
 

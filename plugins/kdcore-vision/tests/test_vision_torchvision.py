@@ -9,7 +9,7 @@ import torch
 from torchvision import models
 
 import kdcore
-from kdcore_vision.torchvision_models import last_per_resolution
+from kdcore_vision.torchvision_models import CLASSIFIERS, last_per_resolution
 
 # (name, input size, options): one cheap member of each structural family
 FAMILIES = [
@@ -31,6 +31,8 @@ def test_every_torchvision_classifier_is_registered():
     names = models.list_models(module=models)
     assert len(names) > 50
     assert {f"tv.{n}" for n in names} <= set(kdcore.available("backbone"))
+    # the written-out list is the installed torchvision's (update CLASSIFIERS after an upgrade)
+    assert sorted(CLASSIFIERS) == sorted(names)
 
 
 @pytest.mark.parametrize("name,size,options", FAMILIES)
