@@ -2,7 +2,8 @@
 
 Every error is a :class:`kdcore.ConfigError` whose message starts with the key
 path (``loss[1].temperature: must be > 0``). Tables that name a component
-(``[data]``, ``[teacher]``, ``[student]``, ``[[loss]]``, ``[weighting]``) pass
+(``[data]``, ``[teacher]``, ``[student]``, ``[[loss]]``, ``[weighting]``,
+``[batch_policy]``) pass
 their other keys to it as parameters; those are checked against the
 component's signature by :func:`check_components`.
 
@@ -56,47 +57,53 @@ def _field(typ: type, default: Any, check=None, choices: tuple[str, ...] | None 
 
 
 def _positive(v):
+    """> 0"""
     return None if v > 0 else "must be > 0"
 
 
 def _non_negative(v):
+    """>= 0"""
     return None if v >= 0 else "must be >= 0"
 
 
 @attrs.define
 class RunConfig:
-    seed: int = _field(int, 0)
-    epochs: int = _field(int, 20, _positive)
-    batch_size: int = _field(int, 64, _positive)
-    eval_batch_size: int = _field(int, 1024, _positive)
-    device: str = _field(str, "auto", choices=("auto", "cpu", "cuda"))
-    amp: str = _field(str, "off", choices=("off", "bf16", "fp16"))
-    channels_last: bool = _field(bool, False)
-    compile: bool = _field(bool, False)
-    num_workers: int = _field(int, 0, _non_negative)
+    """How the run trains: epochs, batches, device, precision, logging, long-run controls."""
+
+    seed: int = _field(int, 0)  # everything random derives from it
+    epochs: int = _field(int, 20, _positive)  # passes over the training split
+    batch_size: int = _field(int, 64, _positive)  # the global batch (split over DDP ranks)
+    eval_batch_size: int = _field(int, 1024, _positive)  # batch size of evaluation
+    device: str = _field(str, "auto", choices=("auto", "cpu", "cuda"))  # auto: CUDA when available
+    amp: str = _field(str, "off", choices=("off", "bf16", "fp16"))  # mixed precision; fp16 on CUDA only
+    channels_last: bool = _field(bool, False)  # memory format for image models
+    compile: bool = _field(bool, False)  # torch.compile the student and the teacher
+    num_workers: int = _field(int, 0, _non_negative)  # DataLoader workers
     threads: int = _field(int, 0, _non_negative)  # CPU threads for torch (0: torch's default)
-    eval_every: int = _field(int, 1, _positive)
-    log_every: int = _field(int, 50, _positive)
-    deterministic: bool = _field(bool, True)
-    progress: str = _field(str, "auto", choices=("auto", "bar", "lines", "off"))
+    eval_every: int = _field(int, 1, _positive)  # epochs between evaluations (the last always evaluates)
+    log_every: int = _field(int, 50, _positive)  # steps between step-level logs
+    deterministic: bool = _field(bool, True)  # deterministic algorithms (warn only); false turns on cuDNN autotuning
+    progress: str = _field(str, "auto", choices=("auto", "bar", "lines", "off"))  # auto: a bar on a terminal
     accumulate: int = _field(int, 1, _positive)       # micro-batches per optimizer step
     max_steps: int = _field(int, 0, _non_negative)    # > 0: stop after this many optimizer steps
     checkpoint_every: int = _field(int, 0, _non_negative)  # > 0: also write last.pt every N steps
-    strategy: str = _field(str, "ddp", choices=("ddp", "fsdp"))  # under torchrun
+    strategy: str = _field(str, "ddp", choices=("ddp", "fsdp"))  # how the student is wrapped under torchrun
 
 
 @attrs.define
 class OptimConfig:
-    name: str = _field(str, "sgd", choices=("sgd", "adamw"))
-    lr: float = _field(float, 0.05, _positive)
-    momentum: float = _field(float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
-    nesterov: bool = _field(bool, False)
-    weight_decay: float = _field(float, 5e-4, _non_negative)
-    betas: list = _field(list, attrs.Factory(lambda: [0.9, 0.999]))
-    lr_schedule: str = _field(str, "constant", choices=("constant", "step", "cosine"))
-    milestones: list = _field(list, attrs.Factory(list))
-    gamma: float = _field(float, 0.1, _positive)
-    min_lr: float = _field(float, 0.0, _non_negative)
+    """The optimizer and its learning-rate schedule."""
+
+    name: str = _field(str, "sgd", choices=("sgd", "adamw"))  # the optimizer
+    lr: float = _field(float, 0.05, _positive)  # learning rate
+    momentum: float = _field(float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)")  # sgd; in [0, 1)
+    nesterov: bool = _field(bool, False)  # sgd: Nesterov momentum
+    weight_decay: float = _field(float, 5e-4, _non_negative)  # L2 (sgd) or decoupled (adamw) decay
+    betas: list = _field(list, attrs.Factory(lambda: [0.9, 0.999]))  # adamw; two numbers in [0, 1)
+    lr_schedule: str = _field(str, "constant", choices=("constant", "step", "cosine"))  # per epoch
+    milestones: list = _field(list, attrs.Factory(list))  # step: lr *= gamma after each of these epochs
+    gamma: float = _field(float, 0.1, _positive)  # step: the factor
+    min_lr: float = _field(float, 0.0, _non_negative)  # cosine: the floor
     warmup_steps: int = _field(int, 0, _non_negative)   # linear learning-rate warm-up (steps)
     clip_grad_norm: float = _field(float, 0.0, _non_negative)  # > 0: clip the global gradient norm
 
@@ -105,35 +112,59 @@ class OptimConfig:
 class ComponentConfig:
     """A table naming a component; ``params`` are its other keys."""
 
-    name: str
+    name: str  # a registered component name (or python:MODULE:ATTRIBUTE)
     params: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class SignalsConfig:
+    """Where the teacher's outputs come from (``[teacher]`` keys, docs/signals.md)."""
+
+    source: str = _field(str, "model", choices=("model", "store"))  # run the teacher, or read a store
+    store: str | None = _field(str, None)  # source = "store": the directory `kdcore capture` wrote
+    cache: bool = _field(bool, False)  # keep the teacher's outputs after the first epoch
+    cache_budget_mb: int = _field(int, 1024, _positive)  # cache: most MiB kept on the device, the rest on disk
+    fixed_view: bool = _field(bool, False)  # store/cache with random augmentation: one view per sample
+
+
+#: the keys of :class:`SignalsConfig` in a ``[teacher]`` table
+SIGNAL_KEYS = tuple(f.name for f in attrs.fields(SignalsConfig))
 
 
 @attrs.define
 class ModelConfig:
-    backbone: str
-    checkpoint: str | None = None
+    """A model table: the backbone, its checkpoint and its parameters."""
+
+    backbone: str | None  # a registered backbone name (or python:MODULE:ATTRIBUTE); None: a stored teacher
+    checkpoint: str | None = None  # weights to load (a teacher without one must load its own)
     params: dict[str, Any] = attrs.field(factory=dict)
+    signals: SignalsConfig = attrs.field(factory=SignalsConfig)  # the teacher's source ([teacher] only)
 
 
 @attrs.define
 class LossTermConfig:
-    name: str
-    weight: float = 1.0
+    """One term ``w_i(t) * L_i`` of the objective."""
+
+    name: str  # a registered loss name
+    weight: float = 1.0  # w_i, multiplied by the schedule's value
     schedule: Any = None     # a scheduler name or {"name": ..., **params}
     id: str | None = None    # label in logs; default: the name (suffixed if repeated)
     params: dict[str, Any] = attrs.field(factory=dict)
+    rows: str = "labelled"   # "all": also the unlabelled rows (target -100) of a transfer set
 
 
 @attrs.define
 class Config:
-    run: RunConfig
-    data: ComponentConfig
-    student: ModelConfig
-    optim: OptimConfig
-    loss: list[LossTermConfig]
-    teacher: ModelConfig | None = None
-    weighting: ComponentConfig | None = None
+    """A whole run: one attribute per section of the TOML file."""
+
+    run: RunConfig  # epochs, batches, device, precision, logging
+    data: ComponentConfig  # the dataset and its parameters
+    student: ModelConfig  # the model trained
+    optim: OptimConfig  # optimizer and learning-rate schedule
+    loss: list[LossTermConfig]  # the terms of the objective, one table each
+    teacher: ModelConfig | None = None  # omit to train a teacher (a plain supervised run)
+    weighting: ComponentConfig | None = None  # a gradient-aware scheduler over the terms
+    batch_policy: ComponentConfig | None = None  # replaces each step's batch (kdcore.policy)
     source: Path | None = attrs.field(default=None, eq=False)
 
     def term_ids(self) -> list[str]:
@@ -151,7 +182,7 @@ class Config:
         return out
 
 
-_SECTIONS = ("run", "data", "teacher", "student", "optim", "loss", "weighting")
+_SECTIONS = ("run", "data", "teacher", "student", "optim", "loss", "weighting", "batch_policy")
 
 
 def _table(path: str, value: Any) -> dict[str, Any]:
@@ -197,6 +228,26 @@ def _model(path: str, table: Any) -> ModelConfig:
     return ModelConfig(comp.name, ckpt, comp.params)
 
 
+def _teacher(path: str, table: Any) -> ModelConfig:
+    """``[teacher]``: a model table plus the keys of :class:`SignalsConfig`."""
+    table = _table(path, table)
+    signals = _plain(SignalsConfig, path, {k: table.pop(k) for k in SIGNAL_KEYS if k in table})
+    if signals.source == "store":
+        if not signals.store:
+            raise ConfigError(f"{path}.store: required with source = 'store' (the directory `kdcore capture` wrote)")
+        if signals.cache:
+            raise ConfigError(f"{path}.cache: a stored teacher is read, not run; cache is for source = 'model'")
+    elif signals.store is not None:
+        raise ConfigError(f"{path}.store: only with source = 'store' (add source = \"store\")")
+    if signals.source == "store" and "backbone" not in table:
+        if table:  # no backbone: nothing else (the store says which teacher it holds)
+            raise ConfigError(f"{path}.{next(iter(table))}: a stored teacher without a backbone takes no other keys")
+        return ModelConfig(None, signals=signals)
+    model = _model(path, table)
+    model.signals = signals
+    return model
+
+
 def _loss_term(path: str, table: Any) -> LossTermConfig:
     comp = _component(path, table)
     p = comp.params
@@ -209,7 +260,10 @@ def _loss_term(path: str, table: Any) -> LossTermConfig:
     term_id = p.pop("id", None)
     if term_id is not None and (not isinstance(term_id, str) or not re.fullmatch(r"[\w.-]+", term_id)):
         raise ConfigError(f"{path}.id: must be a word (letters, digits, _ . -), got {term_id!r}")
-    return LossTermConfig(comp.name, weight, schedule, term_id, p)
+    rows = p.pop("rows", "labelled")
+    if rows not in ("labelled", "all"):
+        raise ConfigError(f"{path}.rows: must be 'labelled' or 'all', got {rows!r}")
+    return LossTermConfig(comp.name, weight, schedule, term_id, p, rows)
 
 
 def _key_path(parent: str, key: str | int) -> str:
@@ -286,8 +340,9 @@ def from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         student=_model("student", raw["student"]),
         optim=_plain(OptimConfig, "optim", raw.get("optim")),
         loss=[_loss_term(f"loss[{i}]", t) for i, t in enumerate(losses)],
-        teacher=_model("teacher", raw["teacher"]) if "teacher" in raw else None,
+        teacher=_teacher("teacher", raw["teacher"]) if "teacher" in raw else None,
         weighting=_component("weighting", raw["weighting"]) if "weighting" in raw else None,
+        batch_policy=_component("batch_policy", raw["batch_policy"]) if "batch_policy" in raw else None,
         source=source,
     )
     seen_ids: set[str] = set()
@@ -311,6 +366,8 @@ def to_dict(config: Config) -> dict[str, Any]:
         d = {"backbone": m.backbone, **m.params}
         if m.checkpoint is not None:
             d["checkpoint"] = m.checkpoint
+        defaults = SignalsConfig()
+        d.update({k: v for k, v in attrs.asdict(m.signals).items() if v != getattr(defaults, k)})
         return d
 
     out: dict[str, Any] = {
@@ -328,9 +385,13 @@ def to_dict(config: Config) -> dict[str, Any]:
             d["schedule"] = t.schedule
         if t.id is not None:
             d["id"] = t.id
+        if t.rows != "labelled":
+            d["rows"] = t.rows
         out["loss"].append(d)
     if config.weighting is not None:
         out["weighting"] = {"name": config.weighting.name, **config.weighting.params}
+    if config.batch_policy is not None:
+        out["batch_policy"] = {"name": config.batch_policy.name, **config.batch_policy.params}
     return _drop_none(out)
 
 
@@ -428,7 +489,7 @@ def check_components(config: Config, registry: Registry) -> None:
     check("dataset", config.data.name, config.data.params, "data")
     for section in ("teacher", "student"):
         m = getattr(config, section)
-        if m is not None:
+        if m is not None and m.backbone is not None:
             check("backbone", m.backbone, m.params, section, "backbone", ("num_classes", "in_features"))
     def nested(kind: str, spec: Any, path: str) -> None:
         if isinstance(spec, str):
@@ -454,3 +515,5 @@ def check_components(config: Config, registry: Registry) -> None:
             check("scheduler", name, sched, f"loss[{i}].schedule")
     if config.weighting is not None:
         check("scheduler", config.weighting.name, config.weighting.params, "weighting")
+    if config.batch_policy is not None:
+        check("batch_policy", config.batch_policy.name, config.batch_policy.params, "batch_policy")

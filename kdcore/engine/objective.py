@@ -5,7 +5,9 @@ docs/plugins.md): a loss with ``uses_outputs = True`` is called with the two
 models' :class:`kdcore.Outputs`, its taps (``student_taps``, ``teacher_taps``)
 filled; a :class:`kdcore.LogitLoss` with the outputs too where the fused
 projection applies (``hidden`` and ``head`` without logits), otherwise with
-logits; any other callable with logits. Losses that are ``nn.Module`` s may own
+logits; any other callable with logits. With a stored teacher
+(:class:`kdcore.buckets.TopKOutputs`) every term that uses the teacher sees
+both models over the teacher's k + 1 buckets. Losses that are ``nn.Module`` s may own
 parameters and buffers: :attr:`Objective.modules` holds them for the optimizer
 and the checkpoints.
 """
@@ -18,6 +20,7 @@ from typing import Any
 import attrs
 from torch import Tensor, nn
 
+from kdcore.buckets import TopKOutputs, bucket_loss
 from kdcore.config import Config
 from kdcore.engine.taps import check_taps, tap_paths
 from kdcore.errors import ConfigError
@@ -36,6 +39,10 @@ class Term:
     weight: float
     schedule: Any = None
     path: str = "loss"
+    #: ``"labelled"``: the loss sees the targets (rows with target -100 are ignored);
+    #: ``"all"``: it is called without targets, so it averages over every row,
+    #: the unlabelled rows of a transfer set included
+    rows: str = "labelled"
 
     @property
     def uses_teacher(self) -> bool:
@@ -61,11 +68,27 @@ class Term:
     def __call__(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> Tensor:
         if not self.uses_teacher:
             teacher = None
+        if self.rows == "all":
+            target = None
+        if isinstance(teacher, TopKOutputs):  # a stored teacher: both sides on its k + 1 buckets
+            return bucket_loss(self.loss, student, teacher, target, outputs=self.uses_outputs)
         if self.uses_outputs:
             return self.loss(student, teacher, target)
         if isinstance(self.loss, LogitLoss) and (_fusable(student) or _fusable(teacher)):
             return self.loss(student, teacher, target)
         return self.loss(student.logits, None if teacher is None else teacher.logits, target)
+
+
+def _check_all_rows(loss: Any, name: str, config: Config, world: int, path: str) -> None:
+    """``rows = "all"`` needs a loss that uses the teacher but not the labels, and one
+    micro-batch in one process (micro-batches and ranks are weighted by their
+    labelled rows, targets not -100)."""
+    if getattr(loss, "uses_target", False) or not getattr(loss, "uses_teacher", True):
+        raise ConfigError(f"{path}.rows: 'all' is for a loss that uses the teacher and not the labels "
+                          f"(unlabelled rows have none); {name!r} does not qualify")
+    if config.run.accumulate > 1 or world > 1:
+        raise ConfigError(f"{path}.rows: 'all' needs run.accumulate = 1 in a single process (micro-batches "
+                          "and ranks are weighted by their labelled rows)")
 
 
 def _fusable(outputs: Outputs | None) -> bool:
@@ -88,7 +111,9 @@ class Objective:
         self.modules = nn.ModuleDict({_module_key(t.id): t.loss for t in terms if isinstance(t.loss, nn.Module)})
 
     @classmethod
-    def from_config(cls, config: Config, registry: Registry) -> "Objective":
+    def from_config(cls, config: Config, registry: Registry, world: int = 1) -> "Objective":
+        """The terms of ``config.loss``; ``world`` is the number of processes (a term on
+        all rows is refused where micro-batches are weighted by their labelled rows)."""
         terms = []
         for i, (term, tid) in enumerate(zip(config.loss, config.term_ids())):
             path = f"loss[{i}]"
@@ -101,7 +126,9 @@ class Objective:
                 schedule = build("scheduler", term.schedule, f"{path}.schedule")
                 if not callable(schedule):
                     raise ConfigError(f"{path}.schedule: {term.schedule!r} is not a time schedule")
-            terms.append(Term(tid, loss, term.weight, schedule, path))
+            if term.rows == "all":
+                _check_all_rows(loss, term.name, config, world, path)
+            terms.append(Term(tid, loss, term.weight, schedule, path, term.rows))
         objective = cls(terms)
         if objective.uses_teacher and config.teacher is None:
             names = [t.id for t in terms if t.uses_teacher]

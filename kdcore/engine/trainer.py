@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcore import config as cfg
-from kdcore.engine import checkpoints, distributed, step
+from kdcore.engine import checkpoints, distributed, step, teacher_source
 from kdcore.engine.batches import Batch, Batches, eval_batches
 from kdcore.engine.meter import Meter
 from kdcore.engine.models import build_model
@@ -77,7 +77,7 @@ class Trainer:
         self.student = build_model(config.student, "student", self.data, registry, config.source).to(self.device)
         self.teacher: nn.Module | None = None
         self.teacher_forward: nn.Module | None = None  # the teacher, compiled with run.compile
-        if config.teacher is not None:
+        if config.teacher is not None and config.teacher.signals.source == "model":
             self.teacher = build_model(config.teacher, "teacher", self.data, registry, config.source)
             if config.teacher.checkpoint is None and not getattr(self.teacher, "pretrained", False):
                 raise ConfigError("teacher.checkpoint: required (the teacher's trained weights; a backbone "
@@ -94,6 +94,9 @@ class Trainer:
         self.batches = Batches(self.data.train, batch_size=run.batch_size, device=self.device,
                                rank=self.dist.rank, world=self.dist.world, num_workers=run.num_workers,
                                pin_memory=pin)
+        #: the teacher's outputs per batch (the model, a cache of it, or a store; None: no teacher)
+        self.teacher_source = teacher_source.build(config, self.data, self.objective, self.teacher,
+                                                   self.teacher_forward, self.device, self.out)
         self._materialise_lazy_terms()
         self.sharded = run.strategy == "fsdp" and self.dist.enabled
         self.model = self._wrap_student()
@@ -104,11 +107,16 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if run.amp == "fp16" else None
         self.buffer_sync = step.BufferSync(self.objective.modules, self.dist)
-        self.guard = step.FiniteGuard(self.device)
+        #: the parameter groups whose gradient norms the guard reads: the student, each term with parameters
+        self.grad_groups = {"the student's parameters": self.params, **{
+            f"loss term {t.id!r}'s parameters": ps for t in self.objective.terms
+            if isinstance(t.loss, nn.Module) and (ps := step.trainable(t.loss.parameters()))}}
+        self.guard = step.FiniteGuard(self.device, [t.id for t in self.objective.terms], list(self.grad_groups))
         if run.compile:
             self.model = torch.compile(self.model)
             if self.teacher is not None:
                 self.teacher_forward = torch.compile(self.teacher)
+                teacher_source.run_with(self.teacher_source, self.teacher_forward)
         self.epoch, self.step = 0, 0
         self.batch_in_epoch = 0  # batches of the current epoch done (a resume mid-epoch)
         self.meter: Meter | None = None
@@ -231,10 +239,9 @@ class Trainer:
         s = step.forward(model, inputs, self.student, self.objective.taps(terms, "student") if taps else (),
                          batch.index)
         t = None
-        if self.teacher is not None and any(term.uses_teacher for term in terms):
+        if self.teacher_source is not None and any(term.uses_teacher for term in terms):
             with torch.no_grad():
-                t = step.forward(self.teacher_forward, inputs, self.teacher,
-                                 self.objective.taps(terms, "teacher") if taps else (), batch.index)
+                t = self.teacher_source(batch, inputs, self.objective.taps(terms, "teacher") if taps else ())
         return s, t
 
     def _no_sync(self, last: bool):
@@ -312,10 +319,15 @@ class Trainer:
         """Synchronise what DDP/FSDP do not, clip, and take the optimizer step."""
         step.average_gradients(self.term_params, self.dist)
         clip = self.config.optim.clip_grad_norm
-        if clip:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            step.clip_gradients([self.params, self.term_params], clip)
+        if clip and self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip or self.scaler is None:  # fp16's scaler skips steps with non-finite gradients itself
+            groups = list(self.grad_groups.values())
+            norms = step.gradient_norms(groups)
+            if self.scaler is None:
+                self.guard.observe_gradients(self.step + 1, norms)
+            if clip:
+                step.clip_gradients(groups, clip, norms)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -1,0 +1,194 @@
+"""Where a run's teacher outputs come from: the model, a store, or a cache (docs/signals.md).
+
+- :class:`ModelTeacher` (``[teacher] source = "model"``): the frozen teacher runs
+  on each batch;
+- :class:`CachedTeacher` (``cache = true``): the same, but the outputs of every
+  sample are kept the first time it is seen (keyed by sample index) and read
+  back afterwards, on the device up to ``cache_budget_mb`` and in an anonymous
+  file beside the run otherwise;
+- :class:`StoreTeacher` (``source = "store"``): the top-k teacher of a store
+  written by ``kdcore capture`` (:mod:`kdcore.store`), as
+  :class:`kdcore.buckets.TopKOutputs`; no teacher model exists.
+
+The store and the cache are keyed by sample index, so both are refused where
+the training split's augmentation is random (:func:`kdcore.fingerprint.random_views`)
+unless ``fixed_view = true`` accepts one view per sample, and where a term taps
+the teacher's features or a batch policy replaces the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdcore import fingerprint, store
+from kdcore.buckets import TopKOutputs
+from kdcore.config import Config
+from kdcore.data import DataSplits
+from kdcore.engine import step
+from kdcore.engine.batches import Batch
+from kdcore.engine.models import resolve_path
+from kdcore.engine.objective import Objective
+from kdcore.errors import ConfigError
+from kdcore.outputs import Outputs
+
+
+def target_shape(split) -> tuple[int, ...]:
+    """The per-sample target shape of a split (``()`` for classification, ``(T,)`` at token level)."""
+    targets = getattr(split, "targets", None)
+    if isinstance(targets, Tensor):
+        return tuple(targets.shape[1:])
+    return tuple(torch.as_tensor(split[0][1] if not isinstance(split[0], dict) else split[0]["target"]).shape)
+
+
+def check_keyed_by_index(config: Config, data: DataSplits, objective: Objective, what: str) -> None:
+    """Refuse teacher outputs keyed by sample index where they would not be the teacher's
+    outputs on the student's inputs (``what``: the key path, ``teacher.source`` or ``teacher.cache``)."""
+    if getattr(config, "batch_policy", None) is not None:
+        raise ConfigError(f"{what}: [batch_policy] replaces each step's inputs, so teacher outputs "
+                          "keyed by sample index do not apply (use source = 'model' without cache)")
+    for term in objective.terms:
+        if term.uses_teacher and term.taps("teacher"):
+            raise ConfigError(f"{what}: {term.path} taps the teacher's features, which only a running "
+                              "teacher has (use source = 'model' without cache)")
+    if not config.teacher.signals.fixed_view and fingerprint.random_views(data):
+        raise ConfigError(f"{what}: the training split's augmentation is random (each epoch shows new views "
+                          "of a sample), so teacher outputs keyed by sample index would not match the "
+                          "student's inputs; turn the augmentation off, or set teacher.fixed_view = true to "
+                          "accept the teacher's outputs on one view per sample")
+
+
+class ModelTeacher:
+    """The teacher model run on each batch (under ``no_grad``)."""
+
+    def __init__(self, teacher: nn.Module, forward: nn.Module):
+        self.teacher, self.forward = teacher, forward
+
+    def __call__(self, batch: Batch, inputs, taps: Sequence[str]) -> Outputs:
+        return step.forward(self.forward, inputs, self.teacher, taps, batch.index)
+
+
+class _Rows:
+    """Fixed-shape rows by sample index: a device tensor, or an anonymous memory-mapped file."""
+
+    def __init__(self, n: int, like: Tensor, budget_bytes: int, device: torch.device, spill_dir: Path | None):
+        self.shape, self.dtype = tuple(like.shape[1:]), like.dtype
+        self.row_bytes = math.prod(self.shape) * like.element_size()
+        self.on_device = n * self.row_bytes <= budget_bytes
+        self.device = device
+        if self.on_device:
+            self.data = torch.empty((n, *self.shape), dtype=self.dtype, device=device)
+        else:
+            if spill_dir is not None:
+                spill_dir.mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.TemporaryFile(dir=spill_dir, prefix=".kdcore-teacher-cache-")
+            self._file.truncate(n * self.row_bytes)
+            self.data = np.memmap(self._file, dtype=np.uint8, mode="r+", shape=(n, self.row_bytes))
+
+    def put(self, index: Tensor, value: Tensor) -> None:
+        if self.on_device:
+            self.data[index.to(self.device)] = value
+        else:
+            raw = value.detach().contiguous().cpu().view(torch.uint8).reshape(len(index), -1)
+            self.data[index.numpy()] = raw.numpy()
+
+    def get(self, index: Tensor) -> Tensor:
+        if self.on_device:
+            return self.data[index.to(self.device)]
+        raw = torch.from_numpy(np.ascontiguousarray(self.data[index.numpy()]))
+        return raw.view(self.dtype).reshape(len(index), *self.shape).to(self.device, non_blocking=True)
+
+
+class CachedTeacher:
+    """A :class:`ModelTeacher` whose outputs (logits, or hidden states where the teacher
+    gives ``Outputs(hidden, head)``) are kept per sample after the first time."""
+
+    def __init__(self, model: ModelTeacher, n: int, budget_mb: int, device: torch.device,
+                 spill_dir: Path | None):
+        self.model, self.n, self.device, self.spill_dir = model, n, device, spill_dir
+        self.budget = budget_mb * 2**20
+        self.rows: _Rows | None = None
+        self.head = None
+        self.filled = torch.zeros(n, dtype=torch.bool)
+        self.hits = 0  # batches answered from the cache
+
+    @property
+    def on_device(self) -> bool:
+        return self.rows is not None and self.rows.on_device
+
+    def __call__(self, batch: Batch, inputs, taps: Sequence[str]) -> Outputs:
+        index = batch.index.cpu()
+        if self.rows is not None and bool(self.filled[index].all()):
+            self.hits += 1
+            value = self.rows.get(index)
+            if self.head is not None:
+                return Outputs(hidden=value, head=self.head, index=batch.index)
+            return Outputs(value, index=batch.index)
+        out = self.model(batch, inputs, taps)
+        keep_hidden = out.projectable and not out.has_logits
+        value = out.hidden if keep_hidden else out.logits
+        if self.rows is None:
+            self.rows = _Rows(self.n, value, self.budget, self.device, self.spill_dir)
+            self.head = out.head if keep_hidden else None
+        self.rows.put(index, value.detach())
+        self.filled[index] = True
+        return out
+
+
+class StoreTeacher:
+    """The top-k teacher of a store, as :class:`kdcore.buckets.TopKOutputs` on the device."""
+
+    def __init__(self, reader: store.StoreReader, device: torch.device):
+        self.reader, self.device = reader, device
+
+    def __call__(self, batch: Batch, inputs, taps: Sequence[str]) -> TopKOutputs:
+        ids, logp, rest = self.reader.read(batch.index.cpu())
+        nb = self.device.type == "cuda"
+        return TopKOutputs(ids.to(self.device, non_blocking=nb), logp.to(self.device, non_blocking=nb),
+                           None if rest is None else rest.to(self.device, non_blocking=nb), index=batch.index)
+
+
+def run_with(source, forward: nn.Module) -> None:
+    """Let a model source (cached or not) run ``forward`` (the compiled teacher) from now on."""
+    model = source.model if isinstance(source, CachedTeacher) else source
+    if isinstance(model, ModelTeacher):
+        model.forward = forward
+
+
+def open_store(config: Config, data: DataSplits, where: str = "teacher.store") -> store.StoreReader:
+    """The store ``[teacher] store`` names, checked against this run's data and teacher."""
+    tc = config.teacher
+    root = resolve_path(tc.signals.store, config.source)
+    reader = store.StoreReader.open(root, where)
+    identity = None
+    if tc.backbone is not None:
+        ckpt = None if tc.checkpoint is None else resolve_path(tc.checkpoint, config.source)
+        if ckpt is not None and not ckpt.exists():
+            raise ConfigError(f"teacher.checkpoint: file not found: {ckpt}")
+        identity = fingerprint.teacher_identity(tc.backbone, tc.params, ckpt)
+    store.check_store(reader.manifest, root, fingerprint=fingerprint.split_fingerprint(data.train),
+                      num_classes=data.num_classes, target_shape=target_shape(data.train), n=len(data.train),
+                      teacher=identity, where=where)
+    return reader
+
+
+def build(config: Config, data: DataSplits, objective: Objective, teacher: nn.Module | None,
+          forward: nn.Module | None, device: torch.device, out: Path | None):
+    """The run's teacher source (None without a ``[teacher]``)."""
+    tc = config.teacher
+    if tc is None:
+        return None
+    if tc.signals.source == "store":
+        check_keyed_by_index(config, data, objective, "teacher.source")
+        return StoreTeacher(open_store(config, data), device)
+    model = ModelTeacher(teacher, forward)
+    if not tc.signals.cache:
+        return model
+    check_keyed_by_index(config, data, objective, "teacher.cache")
+    return CachedTeacher(model, len(data.train), tc.signals.cache_budget_mb, device, out)
