@@ -1,5 +1,6 @@
-"""Every installed loss, divergence and transform follows the call conventions
-(parametrised over the registry, so installed plugins are checked too)."""
+"""Every installed component of every kind follows the conventions of its kind:
+``kdcore.testing.check_component`` over the registry (installed plugins are
+checked too), with a batch-level loss written here installed alongside."""
 
 from __future__ import annotations
 
@@ -7,49 +8,168 @@ import pytest
 import torch
 
 import kdcore
-from kdcore.plugins import default_registry
-from kdcore.testing import (assert_finite_with_grads, check_divergence, check_logit_loss,
-                            extreme_batches, random_logits, random_targets)
+from kdcore.errors import ConfigError
+from kdcore.plugins import load_registry
+from kdcore.data import DataSplits, TensorSplit
+from kdcore.testing import (assert_finite_with_grads, check_backbone, check_component, check_dataset,
+                            check_divergence, check_logit_loss, check_outputs_loss, check_schedule, check_transform,
+                            check_weighting, extreme_batches)
+from kdcore.weighting import GradientWeighting, Update
+
+CHECKED_KINDS = ("loss", "divergence", "transform", "scheduler", "backbone", "dataset")
+#: backbones with more parameters than this are checked for shapes only (built on the meta device)
+FULL_CHECK_PARAMETERS = 1_000_000
 
 
-def _uses_outputs(name: str) -> bool:
-    return bool(getattr(default_registry().get("loss", name).factory, "uses_outputs", False))
+class _Pearson(kdcore.LogitLoss):
+    """A batch-level loss (1 - Pearson correlation across the batch per class), so
+    that the conformance run always covers one (docs/plugins.md, "Batch-level losses")."""
+
+    batch_level = True
+
+    def batch_value(self, student, teacher, target):
+        q, p = torch.softmax(student, -1), torch.softmax(teacher, -1)
+        q, p = q - q.mean(0), p - p.mean(0)
+        return (1 - (q * p).sum(0) / (q.norm(dim=0) * p.norm(dim=0)).clamp(min=1e-12)).mean()
 
 
-LOGIT_LOSSES = [n for n in kdcore.available("loss") if not _uses_outputs(n)]
-OUTPUT_LOSSES = [n for n in kdcore.available("loss") if _uses_outputs(n)]
+class _ConformancePlugin:
+    @kdcore.hookimpl
+    def register_losses(self, register):
+        register("conformance_pearson", _Pearson)
 
 
-@pytest.mark.parametrize("name", LOGIT_LOSSES)
-def test_loss_follows_the_logit_loss_conventions(name):
-    check_logit_loss(kdcore.create("loss", name))
+REGISTRY = load_registry(extra_plugins=[("conformance", _ConformancePlugin())])
+COMPONENTS = [pytest.param(kind, name, id=f"{kind}:{name}")
+              for kind in CHECKED_KINDS for name in REGISTRY.available(kind)]
 
 
-@pytest.mark.parametrize("name", OUTPUT_LOSSES or [pytest.param(None, marks=pytest.mark.skip("none installed"))])
-def test_outputs_loss_is_a_module_that_names_its_taps(name):
-    """A ``uses_outputs`` term (called with kdcore.Outputs) is an nn.Module whose taps the
-    engine can read: ``student_taps`` / ``teacher_taps``, or a ``bind`` that sets them."""
-    factory = default_registry().get("loss", name).factory
-    assert isinstance(factory, type) and issubclass(factory, torch.nn.Module)
-    assert callable(getattr(factory, "bind", None)) or hasattr(factory, "student_taps"), \
-        f"{name}: uses_outputs = True but neither bind() nor student_taps"
+def _check_backbone(name: str) -> None:
+    factory = REGISTRY.get("backbone", name).factory
+    shapes = [getattr(factory, "testing_input_shape", None)] if hasattr(factory, "testing_input_shape") \
+        else [None, (3, 224, 224)]
+    for shape in shapes:  # the default input, then ImageNet-sized (vision transformers need it)
+        try:
+            model = check_backbone(factory, input_shape=shape, device="meta")
+            break
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            error = exc
+    else:
+        if "meta tensor" in str(error):
+            pytest.skip(f"{name} cannot be built on the meta device ({error})")
+        raise error
+    if sum(p.numel() for p in model.parameters()) <= FULL_CHECK_PARAMETERS:
+        check_backbone(factory, input_shape=shape)
 
 
-@pytest.mark.parametrize("name", kdcore.available("divergence"))
-def test_divergence_follows_the_conventions(name):
-    check_divergence(kdcore.create("divergence", name))
+@pytest.mark.parametrize(("kind", "name"), COMPONENTS)
+def test_component_follows_the_conventions_of_its_kind(kind, name):
+    try:
+        if kind == "backbone":
+            _check_backbone(name)
+        else:
+            check_component(kind, name, registry=REGISTRY)
+    except ConfigError as exc:  # needs parameters or local files the component did not give in testing_params
+        pytest.skip(f"{kind} {name!r} cannot be built with its testing_params: {exc}")
 
 
-@pytest.mark.parametrize("name", kdcore.available("transform"))
-def test_transform_returns_normalised_log_probabilities(name):
-    transform = kdcore.create("transform", name)
-    logp = torch.log_softmax(random_logits(2, 3, 6), -1)
-    logp[..., -1] = float("-inf")
-    logp = torch.log_softmax(logp, -1)
-    out = transform(logp, random_targets(2, 3, classes=5))
-    assert out.shape == logp.shape
-    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 3))
-    assert not torch.isnan(out).any()
+def test_a_batch_level_loss_is_among_the_checked():
+    assert any(getattr(REGISTRY.get("loss", n).factory, "batch_level", False) for n in REGISTRY.available("loss"))
+
+
+def test_a_declared_skip_skips_exactly_that_check():
+    class NoBf16(kdcore.LogitLoss):
+        """KD-like, but refusing bfloat16 inputs (the only check it fails)."""
+
+        def rows(self, student, teacher, target):
+            return (torch.softmax(teacher, -1) * (torch.log_softmax(teacher, -1) - torch.log_softmax(student, -1))).sum(-1)
+
+        def forward(self, student, teacher=None, target=None):
+            if torch.is_tensor(student) and student.dtype == torch.bfloat16:
+                raise TypeError("no bfloat16")
+            return super().forward(student, teacher, target)
+
+    with pytest.raises(TypeError, match="no bfloat16"):
+        check_logit_loss(NoBf16())
+    NoBf16.testing_skips = {"chunking"}
+    with pytest.raises(TypeError, match="no bfloat16"):
+        check_logit_loss(NoBf16())
+    NoBf16.testing_skips = {"bfloat16"}
+    check_logit_loss(NoBf16())
+    check_logit_loss(NoBf16(), skip={"bfloat16"})
+
+
+def test_a_skip_name_no_check_has_is_an_error():
+    with pytest.raises(ValueError, match="no loss check is named 'bf16'.*bfloat16"):
+        check_logit_loss(kdcore.create("loss", "kd"), skip={"bf16"})
+
+
+def test_the_checks_catch_a_transform_that_fills_the_padding():
+    def smooth_everything(logp, target):
+        return torch.log(0.9 * logp.exp() + 0.1 / logp.shape[-1])
+
+    with pytest.raises(AssertionError, match="-inf"):
+        check_transform(smooth_everything)
+
+
+def test_the_checks_catch_a_schedule_that_counts_its_calls():
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, progress):
+            self.calls += 1
+            return min(self.calls / 10, 1.0)
+
+    with pytest.raises(AssertionError, match="backwards"):
+        check_schedule(Counting(), skip={"deterministic"})
+    with pytest.raises(AssertionError, match="int or float|returns a float"):
+        check_schedule(lambda p: torch.tensor(1.0))
+
+
+def test_the_checks_catch_a_weighting_with_non_finite_coefficients():
+    class Broken(GradientWeighting):
+        def combine(self, ctx):
+            return Update(coefficients={"ce": float("nan"), "kd": 1.0})
+
+    with pytest.raises(AssertionError, match="non-finite"):
+        check_weighting(Broken())
+
+
+def test_the_checks_catch_a_backbone_with_the_wrong_number_of_classes():
+    def backbone(num_classes, in_features):
+        return torch.nn.Linear(in_features, num_classes + 1)
+
+    with pytest.raises(AssertionError, match="num_classes=5"):
+        check_backbone(backbone)
+    with pytest.raises(AssertionError, match="num_classes=5"):
+        check_backbone(backbone, device="meta")
+
+
+def test_the_checks_catch_a_dataset_with_a_target_out_of_range():
+    def dataset():
+        x, y = torch.arange(12.0).reshape(6, 2), torch.tensor([0, 1, 2, 0, 1, 3])
+        return DataSplits(TensorSplit(x, y), None, None, num_classes=3, input_shape=(2,))
+
+    with pytest.raises(AssertionError, match="outside"):
+        check_dataset(dataset)
+    check_dataset(dataset, skip={"targets"})
+
+
+def test_the_checks_catch_a_feature_loss_that_does_not_reduce():
+    class PerSample(torch.nn.Module):
+        uses_outputs = True
+        student_taps, teacher_taps = ["stages.2"], ["stages.2"]
+
+        def forward(self, student, teacher, target):
+            fs, ft = student.features["stages.2"].mean((1, 2, 3)), teacher.features["stages.2"].mean((1, 2, 3))
+            return (fs - ft).pow(2)
+
+    with pytest.raises(AssertionError, match="0-dim"):
+        check_outputs_loss(PerSample())
+    with pytest.raises(ConfigError, match="student tap 'stage9'"):
+        PerSample.student_taps = ["stage9"]
+        check_outputs_loss(PerSample())
 
 
 def test_the_checks_catch_a_loss_that_averages_over_ignored_positions():
