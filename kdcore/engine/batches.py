@@ -52,6 +52,11 @@ class Batch:
         return [Batch(index_inputs(self.inputs, slice(a, b)), self.target[a:b], self.index[a:b])
                 for a, b in zip(cuts, cuts[1:])]
 
+    def replace(self, *, inputs: Inputs | None = None, target: Tensor | None = None) -> "Batch":
+        """This batch with new ``inputs`` and/or ``target`` (the same rows: ``index`` is kept)."""
+        return attrs.evolve(self, inputs=self.inputs if inputs is None else inputs,
+                            target=self.target if target is None else target)
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(move(self.inputs, device, non_blocking), self.target.to(device, non_blocking=non_blocking),
                      self.index)
