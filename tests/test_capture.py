@@ -1,0 +1,179 @@
+"""``kdcore capture``: resumable, refuses other captures, and token-level stores
+(``synthetic_lm`` from kdcore-lm) that train like the online teacher."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+
+import kdcore
+from kdcore import store
+from kdcore.capture import capture
+from kdcore.engine import build_trainer
+
+spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).parent / "helpers_runs.py")
+runs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runs)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("capture")
+    kdcore.train(runs.teacher_config(1), root / "teacher", quiet=True)
+    conf = runs.student_config(str(root / "teacher" / "checkpoints" / "best.pt"), epochs=1)
+    path = root / "student.toml"
+    path.write_text(tomli_w.dumps(conf))
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_an_interrupted_capture_resumes_to_the_same_store(config, tmp_path, monkeypatch):
+    whole = capture(config, tmp_path / "whole", top_k=2, shard_samples=100, quiet=True)
+    assert whole["shards"] == 6 and whole["complete"]
+    written = []
+    real = store.write_shard
+
+    def dies_after_two(root, j, records):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as if killed while computing the third shard
+        written.append(j)
+        real(root, j, records)
+
+    monkeypatch.setattr(store, "write_shard", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        capture(config, tmp_path / "cut", top_k=2, shard_samples=100, quiet=True)
+    monkeypatch.setattr(store, "write_shard", real)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("shard-*")) == ["shard-00000.bin", "shard-00001.bin"]
+    with pytest.raises(kdcore.ConfigError, match="not complete"):
+        store.StoreReader.open(tmp_path / "cut")
+    done = []
+    monkeypatch.setattr(store, "write_shard", lambda root, j, rec: (done.append(j), real(root, j, rec)))
+    capture(config, tmp_path / "cut", top_k=2, shard_samples=100, quiet=True)
+    assert done == [2, 3, 4, 5]  # the finished shards were kept
+    assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
+
+
+def test_a_store_of_another_capture_is_not_overwritten(config, tmp_path):
+    capture(config, tmp_path / "s", top_k=2, quiet=True)
+    with pytest.raises(kdcore.ConfigError, match=r"^--out: .* another 'k'"):
+        capture(config, tmp_path / "s", top_k=3, quiet=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(kdcore.ConfigError, match=r"^--out: .*no teacher store"):
+        capture(config, tmp_path / "other", quiet=True)
+    again = capture(config, tmp_path / "s", top_k=2, quiet=True)  # complete: nothing to do
+    assert again["complete"]
+
+
+def test_the_command_line(config, tmp_path):
+    cmd = [sys.executable, "-m", "kdcore", "capture", str(config), "--out", str(tmp_path / "s"), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    bad = subprocess.run(cmd[:-1] + ["--top-k", "9"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--top-k" in bad.stderr
+    bad = subprocess.run(cmd + ["--set", "teacher.source=store"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "teacher.store" in bad.stderr
+
+
+# -- token level --------------------------------------------------------------------------------
+TOKEN_MODEL = '''
+import torch
+from torch import nn
+import kdcore
+
+
+class TinyLM(nn.Module):
+    """Embedding, one tanh layer over the previous and current token, a vocabulary head."""
+
+    def __init__(self, num_classes, hidden=16):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, hidden)
+        self.mix = nn.Linear(2 * hidden, hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, input_ids):
+        e = self.embed(input_ids)
+        prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], 1)
+        return kdcore.Outputs(hidden=torch.tanh(self.mix(torch.cat([e, prev], -1))), head=self.head)
+'''
+
+
+@pytest.fixture(scope="module")
+def lm_config(tmp_path_factory):
+    if "synthetic_lm" not in kdcore.available("dataset"):
+        pytest.skip("kdcore-lm (synthetic_lm) is not installed")
+    root = tmp_path_factory.mktemp("capture_lm")
+    (root / "tiny_lm.py").write_text(TOKEN_MODEL)
+    sys.path.insert(0, str(root))
+    try:
+        from tiny_lm import TinyLM
+    finally:
+        sys.path.remove(str(root))
+    torch.manual_seed(0)
+    teacher = TinyLM(24, hidden=32)
+    torch.save(teacher.state_dict(), root / "teacher.pt")
+    conf = {
+        "run": {"seed": 0, "epochs": 2, "batch_size": 16, "progress": "off"},
+        "data": {"name": "synthetic_lm", "n": 96, "length": 8, "vocab_size": 24, "states": 6},
+        "teacher": {"backbone": "python:tiny_lm:TinyLM", "hidden": 32, "checkpoint": str(root / "teacher.pt")},
+        "student": {"backbone": "python:tiny_lm:TinyLM", "hidden": 8},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        "loss": [{"name": "ce"}, {"name": "kd", "temperature": 2.0, "chunk_size": 40}],
+    }
+    path = root / "lm.toml"
+    path.write_text(tomli_w.dumps(conf))
+    return path, conf, teacher
+
+
+def _weights(trainer):
+    return torch.cat([p.detach().reshape(-1) for p in trainer.student.parameters()])
+
+
+def test_token_level_full_store_trains_like_the_online_teacher(lm_config, tmp_path):
+    path, conf, _ = lm_config
+    manifest = capture(path, tmp_path / "store", top_k=24, quiet=True)
+    assert manifest["positions"] == 8 and manifest["target_shape"] == [8]
+    stored = copy.deepcopy(conf)
+    stored["teacher"].update(source="store", store=str(tmp_path / "store"))
+    path2 = path.parent / "lm_store.toml"
+    path2.write_text(tomli_w.dumps(stored))
+    trained = []
+    for p in (path, path2):
+        trainer = build_trainer(p, None, quiet=True)
+        trainer.fit()
+        trained.append(trainer)
+    assert torch.allclose(_weights(trained[0]), _weights(trained[1]), atol=1e-5)
+
+
+def test_token_level_top_k_store_tail_and_training(lm_config, tmp_path):
+    path, conf, teacher = lm_config
+    capture(path, tmp_path / "store", top_k=5, quiet=True)
+    reader = store.StoreReader.open(tmp_path / "store")
+    data = kdcore.create("dataset", "synthetic_lm", **{k: v for k, v in conf["data"].items() if k != "name"})
+    index = torch.tensor([0, 17, 85])
+    ids, logp, rest = reader.read(index)
+    with torch.no_grad():
+        out = teacher(data.train.inputs["input_ids"][index])
+        p = torch.softmax(out.head(out.hidden).double(), -1)  # the float64 reference
+    kept = p.gather(-1, ids)
+    assert torch.allclose(kept.sum(-1), p.topk(5, -1).values.sum(-1), atol=1e-12)  # the top 5
+    lp_err = (logp.double() - kept.log()).abs()
+    assert lp_err.max() < 0.1 and (lp_err * kept).sum(-1).max() < 0.02  # uint8 codes
+    assert torch.allclose(rest.double(), torch.log1p(-kept.sum(-1)), atol=1e-5)
+    stored = copy.deepcopy(conf)
+    stored["teacher"] = {"source": "store", "store": str(tmp_path / "store")}
+    path2 = path.parent / "lm_topk.toml"
+    path2.write_text(tomli_w.dumps(stored))
+    summary = kdcore.train(path2, tmp_path / "run", quiet=True)
+    assert all(math.isfinite(v) for k, v in summary["final"].items() if k.startswith("loss/"))
