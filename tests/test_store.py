@@ -327,3 +327,10 @@ def test_cache_rows_spill_to_a_file_beyond_the_budget(tmp_path):
     rows.put(index, value)
     assert torch.equal(rows.get(torch.tensor([2, 0])), value[[1, 3]])
     assert list(tmp_path.iterdir()) == []  # an anonymous file: nothing is left behind
+
+
+def test_augmented_image_splits_declare_random_views():
+    if "digits" not in kdcore.available("dataset"):
+        pytest.skip("kdcore-vision (digits) is not installed")
+    assert fingerprint.random_views(kdcore.create("dataset", "digits"))
+    assert not fingerprint.random_views(kdcore.create("dataset", "digits", augment=False))

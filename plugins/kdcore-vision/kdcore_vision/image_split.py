@@ -39,6 +39,12 @@ class ImageTensorSplit(torch.utils.data.Dataset):
         self.scale = (1.0 / (255.0 * std_t)).view(-1, 1, 1)
         self.shift = (torch.tensor(mean, dtype=torch.float32) / std_t).view(-1, 1, 1)
 
+    @property
+    def random_views(self) -> bool:
+        """Whether reading an image twice may give different crops (kdcore refuses a teacher
+        store or cache keyed by sample index on such a split unless ``teacher.fixed_view``)."""
+        return bool(self.pad) or (self.augment and self.flip)
+
     def __len__(self) -> int:
         return self.labels.shape[0]
 
