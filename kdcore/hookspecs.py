@@ -44,12 +44,24 @@ def register_datasets(register):
 
 
 @hookspec
+def register_batch_policies(register):
+    """Register batch policies ``policy(batch, context) -> batch``, called once per
+    training step before its forward passes (see :mod:`kdcore.policy`)."""
+
+
+@hookspec
+def register_demos(register):
+    """Register demos for ``kdcore demo NAME``: ``register("lm", run)`` with
+    ``run(out_dir, *, quiet) -> rows``, presented with :func:`kdcore.demo.present`."""
+
+
+@hookspec
 def register_commands(cli):
     """Add ``kdcore`` subcommands: ``cli.add_parser(name, help=...)`` returns an
     argparse parser; set its ``handler`` default to a function ``(args) -> int``."""
 
 
-#: hook name -> registry kind, for the six registration hooks
+#: hook name -> registry kind, for the registration hooks
 KIND_OF_HOOK = {
     "register_losses": "loss",
     "register_divergences": "divergence",
@@ -57,5 +69,6 @@ KIND_OF_HOOK = {
     "register_schedulers": "scheduler",
     "register_backbones": "backbone",
     "register_datasets": "dataset",
+    "register_batch_policies": "batch_policy",
 }
 KINDS = tuple(KIND_OF_HOOK.values())

@@ -84,7 +84,7 @@ def test_list_and_plugins_json():
     out = kdcore_cli("list", "loss")
     assert out.returncode == 0 and {"ce", "kd", "rkd"} <= set(out.stdout.split())
     data = json.loads(kdcore_cli("list", "--json").stdout)
-    assert {"loss", "divergence", "transform", "scheduler", "backbone", "dataset"} == set(data)
+    assert {"loss", "divergence", "transform", "scheduler", "backbone", "dataset", "batch_policy"} == set(data)
     plugins = json.loads(kdcore_cli("plugins", "--json").stdout)
     builtin = next(p for p in plugins["plugins"] if p["name"] == "builtin")
     assert builtin["distribution"] == "kdcore" and "mlp" in builtin["registered"]["backbone"]
@@ -99,18 +99,34 @@ def test_demo_runs_offline(tmp_path):
     out = kdcore_cli("demo", "--out", str(tmp_path / "demo"), "--quiet", env={"KDCORE_PLUGINS": ""})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    rows = {line.split("  ")[0].strip(): line for line in lines[2:7]}
     assert lines[2].startswith("bayes posterior") and lines[3].startswith("teacher")
-    assert set(rows) == {"bayes posterior", "teacher", "ce", "ce + kd", "ce + rkd"}
+    assert lines[4] == "soft labels on the 300 labelled samples:"
+    assert lines[8] == "soft labels also on 2700 unlabelled samples (transfer set):"
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:11] if not line.endswith(":")}
+    assert set(rows) == {"bayes posterior", "teacher", "ce", "ce + kd", "ce + rkd",
+                         "ce + kd (transfer)", "ce + rkd (transfer)"}
     for line in rows.values():
         acc = float(line.split()[-6])
         assert 0.5 < acc <= 1.0  # 3 balanced classes: chance is 1/3
-    # the table's numbers are the runs' summaries: mean test TV over the seeds of ce + kd
-    tvs = [json.loads((tmp_path / "demo" / f"student-kd-s{s}" / "summary.json").read_text())["test_tv"]
-           for s in (1, 2, 3)]
-    assert f"{sum(tvs) / 3:8.4f}" in rows["ce + kd"]
+    # the table's numbers are the runs' summaries: mean test TV over the seeds of ce + kd, in both groups
+    for run, row in (("student-kd", "ce + kd"), ("transfer-kd", "ce + kd (transfer)")):
+        tvs = [json.loads((tmp_path / "demo" / f"{run}-s{s}" / "summary.json").read_text())["test_tv"]
+               for s in (1, 2, 3)]
+        assert f"{sum(tvs) / 3:8.4f}" in rows[row]
+    # the teacher row is the teacher the students learnt from (best.pt), as their runs evaluated it
+    teacher_tv = json.loads((tmp_path / "demo" / "student-kd-s1" / "summary.json").read_text())["teacher_test_tv"]
+    assert f"{teacher_tv:8.4f}" in rows["teacher"]
     assert "by more than the seeds' spread" in out.stdout
+    assert "with the transfer set, closer than on the labelled samples alone" in out.stdout
     assert list((tmp_path / "demo" / "student-kd-s1" / "tb").glob("events.*"))
+
+
+def test_plugin_demo_that_is_not_installed_is_a_one_line_error(tmp_path):
+    out = kdcore_cli("demo", "lm", "--out", str(tmp_path / "d"), env={"KDCORE_PLUGINS": ""})
+    assert out.returncode == 2 and "kdcore-lm" in out.stderr and "pip install" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = kdcore_cli("demo", "nosuch", "--out", str(tmp_path / "d"), env={"KDCORE_PLUGINS": ""})
+    assert out.returncode == 2 and "demo 'nosuch'" in out.stderr and not (tmp_path / "d").exists()
 
 
 def test_rerun_into_a_finished_run_needs_overwrite(tmp_path):

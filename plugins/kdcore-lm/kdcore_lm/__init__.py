@@ -1,6 +1,7 @@
 """kdcore-lm: language-model distillation on Hugging Face causal LMs.
 
-Registers the backbone ``hf`` and the datasets ``text`` and ``synthetic_lm``;
+Registers the backbone ``hf``, the datasets ``text`` and ``synthetic_lm`` and
+the batch policy ``on_policy`` (on-policy and sequence-level distillation);
 :class:`KDTrainer` (a ``transformers.Trainer`` that distils with kdcore's
 loss terms) is imported on first use, so loading the plugin does not import
 ``transformers``.
@@ -8,8 +9,8 @@ loss terms) is imported on first use, so loading the plugin does not import
 
 from __future__ import annotations
 
-__all__ = ["KDTrainer", "HFCausalLM", "LMHead", "hf", "lm_head_of", "synthetic_lm", "text", "evaluate_lm",
-           "kl_to_truth"]
+__all__ = ["KDTrainer", "HFCausalLM", "LMHead", "OnPolicy", "hf", "lm_head_of", "synthetic_lm", "text",
+           "evaluate_lm", "kl_to_truth", "generate", "completion_batch"]
 
 _LAZY = {
     "KDTrainer": "kdcore_lm.trainer",
@@ -17,6 +18,9 @@ _LAZY = {
     "LMHead": "kdcore_lm.hf",
     "hf": "kdcore_lm.hf",
     "lm_head_of": "kdcore_lm.hf",
+    "OnPolicy": "kdcore_lm.on_policy",
+    "generate": "kdcore_lm.generation",
+    "completion_batch": "kdcore_lm.generation",
     "synthetic_lm": "kdcore_lm.synthetic",
     "text": "kdcore_lm.text",
     "evaluate_lm": "kdcore_lm.metrics",

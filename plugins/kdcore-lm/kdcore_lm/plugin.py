@@ -3,6 +3,7 @@
 from kdcore import hookimpl
 
 from kdcore_lm.hf import hf
+from kdcore_lm.on_policy import OnPolicy
 from kdcore_lm.synthetic import synthetic_lm
 from kdcore_lm.text import text
 
@@ -16,3 +17,8 @@ def register_backbones(register):
 def register_datasets(register):
     register("synthetic_lm", synthetic_lm)
     register("text", text)
+
+
+@hookimpl
+def register_batch_policies(register):
+    register("on_policy", OnPolicy)
