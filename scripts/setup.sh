@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up .venv with kdcore, every plugin under plugins/ and the test tools.
+# Sets up .venv with kdcore, every plugin under plugins/, the test and documentation tools.
 # torch/torchvision are pinned to the releases these machines carry on disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +9,4 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" "setuptools>=68" wheel
 plugins=()
 for d in plugins/*/; do [ -f "$d/pyproject.toml" ] && plugins+=(-e "$d"); done
-"${PIP[@]}" --no-build-isolation -e ".[test]" "${plugins[@]}"
+"${PIP[@]}" --no-build-isolation -e ".[test,docs]" "${plugins[@]}"

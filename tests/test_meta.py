@@ -33,18 +33,3 @@ def test_hook_is_tested(hook):
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_has_docstring(hook):
     assert (getattr(hookspecs, hook).__doc__ or "").strip()
-
-
-#: docs pages whose python blocks are complete programs (run here, so they cannot rot)
-RUNNABLE_DOCS = ["outputs.md"]
-
-
-@pytest.mark.parametrize("page", RUNNABLE_DOCS)
-def test_docs_python_blocks_run(page):
-    import re
-
-    text = (ROOT / "docs" / page).read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, f"docs/{page} has no python blocks"
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"docs/{page}:block{i}", "exec"), {"__name__": f"docs_{i}"})
