@@ -177,3 +177,16 @@ def test_token_level_top_k_store_tail_and_training(lm_config, tmp_path):
     path2.write_text(tomli_w.dumps(stored))
     summary = kdcore.train(path2, tmp_path / "run", quiet=True)
     assert all(math.isfinite(v) for k, v in summary["final"].items() if k.startswith("loss/"))
+
+
+def test_the_store_example_pair_runs(tmp_path, monkeypatch):
+    """examples/store_kd.toml from a capture of examples/kd.toml (shortened) equals examples/kd.toml."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    small = ["data.n=600", "run.batch_size=32", "run.epochs=1"]
+    monkeypatch.chdir(tmp_path)
+    kdcore.train(examples / "teacher.toml", tmp_path / "runs" / "teacher", small, quiet=True)
+    capture(examples / "kd.toml", tmp_path / "runs" / "kd_store", small, quiet=True)
+    online = kdcore.train(examples / "kd.toml", tmp_path / "runs" / "kd", small, quiet=True)
+    stored = kdcore.train(examples / "store_kd.toml", tmp_path / "runs" / "store_kd", small, quiet=True)
+    assert stored["test_acc"] > 0.4
+    assert math.isclose(stored["final"]["loss/kd"], online["final"]["loss/kd"], rel_tol=1e-4)
