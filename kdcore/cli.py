@@ -42,10 +42,11 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from kdcore.demo import run_demo
+    from kdcore.demo import find_demo
     from kdcore.engine.rundir import check_out, clear_run, holds_run
 
-    out = check_out(args.out)
+    run_demo = find_demo(_registry(), args.name)
+    out = check_out(args.out or ("runs/demo" if args.name is None else f"runs/demo-{args.name}"))
     earlier = [d for d in sorted(out.iterdir()) if d.is_dir() and holds_run(d)] if out.is_dir() else []
     if earlier and not args.overwrite:
         raise ConfigError(f"--out: {out} holds an earlier demo ({', '.join(d.name for d in earlier)}); "
@@ -116,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("demo", help="teacher + students on the embedded gaussian_mixture data (offline)")
-    p.add_argument("--out", default="runs/demo", help="where the demo's runs go (default: runs/demo)")
+    p.add_argument("name", nargs="?", default=None,
+                   help="a plugin's demo instead, e.g. 'lm' (kdcore-lm: synthetic_lm, KL to the true law)")
+    p.add_argument("--out", default=None,
+                   help="where the demo's runs go (default: runs/demo, or runs/demo-NAME)")
     p.add_argument("--overwrite", action="store_true", help="delete the runs of an earlier demo in <out>")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     p.set_defaults(handler=_cmd_demo)

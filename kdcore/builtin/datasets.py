@@ -15,6 +15,7 @@ import torch
 from kdcore import params
 from kdcore.data import DataSplits, TensorSplit
 from kdcore.errors import ConfigError
+from kdcore.functional import IGNORE_INDEX
 
 
 def bayes_posterior(x: torch.Tensor, means: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -26,12 +27,17 @@ def bayes_posterior(x: torch.Tensor, means: torch.Tensor, sigma: float) -> torch
 
 def gaussian_mixture(num_classes: int = 3, dim: int = 30, sigma: float = 2.0, n: int = 10000,
                      split: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0,
-                     train_size: int | None = None) -> DataSplits:
+                     train_size: int | None = None, unlabelled: int = 0) -> DataSplits:
     """Generate the mixture deterministically from ``seed`` (CPU generator).
 
     ``train_size`` keeps only the first ``train_size`` samples of the training
-    split (a small labelled set; validation and test splits unchanged)."""
+    split (a small labelled set; validation and test splits unchanged).
+    ``unlabelled`` marks the last ``unlabelled`` of the kept training samples
+    unlabelled (target -100, posterior kept): a transfer set, which a loss term
+    with ``rows = "all"`` distils on while ``ce`` ignores it."""
     params.positive_int("train_size", train_size, optional=True)
+    if isinstance(unlabelled, bool) or not isinstance(unlabelled, int) or unlabelled < 0:
+        raise ConfigError(f"unlabelled: must be a non-negative integer, got {unlabelled!r}")
     params.positive_int("num_classes", num_classes)
     params.positive_int("dim", dim)
     params.positive_int("n", n)
@@ -58,5 +64,12 @@ def gaussian_mixture(num_classes: int = 3, dim: int = 30, sigma: float = 2.0, n:
             raise ConfigError(f"train_size: {train_size} is more than the {len(parts[0])} training samples")
         train = parts[0]
         parts[0] = TensorSplit(train.inputs[:train_size], train.targets[:train_size], train.posterior[:train_size])
+    if unlabelled:
+        train = parts[0]
+        if unlabelled >= len(train):
+            raise ConfigError(f"unlabelled: {unlabelled} leaves none of the {len(train)} training samples labelled")
+        targets = train.targets.clone()
+        targets[len(train) - unlabelled:] = IGNORE_INDEX
+        parts[0] = TensorSplit(train.inputs, targets, train.posterior)
     return DataSplits(*parts, num_classes=num_classes, input_shape=(dim,),
                       meta={"means": means, "sigma": sigma})

@@ -1,0 +1,75 @@
+"""The demos' shared presentation (kdcore.demo) and plugin demos (``register_demos``).
+
+The gaussian_mixture demo itself runs end to end in tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import kdcore
+from kdcore.demo import closer, find_demo, format_table, plugin_demos, run_demo, sort_groups, verdict
+from kdcore.errors import ConfigError
+from kdcore.plugins import load_registry
+
+
+def _row(method, group, tv, sd, acc=0.8):
+    return {"method": method, "group": group, "tv": (tv, sd), "acc": (acc, 0.01)}
+
+
+def test_closer_needs_more_than_either_spread():
+    ref = _row("ce", "g", 0.10, 0.01)
+    assert closer(_row("kd", "g", 0.08, 0.01), ref, "tv")
+    assert not closer(_row("kd", "g", 0.095, 0.001), ref, "tv")  # within the baseline's spread
+    assert not closer(_row("kd", "g", 0.08, 0.03), ref, "tv")  # within the method's spread
+    assert not closer(_row("kd", "g", 0.12, 0.0), ref, "tv")  # farther
+
+
+def test_verdict_names_exactly_the_methods_beyond_the_spread():
+    ce = _row("ce", "a", 0.13, 0.007)
+    rows = [_row("ce + kd", "a", 0.06, 0.006), ce, _row("ce + x", "a", 0.125, 0.007),
+            _row("ce + kd (transfer)", "b", 0.05, 0.002)]
+    line = verdict(rows, ce, "tv", "the truth")
+    assert line == ("closer to the truth than ce alone by more than the seeds' spread: ce + kd, "
+                    "ce + kd (transfer); the other differences are within the spread")
+    assert verdict([ce, rows[2]], ce, "tv", "the truth").startswith("no distillation method is closer")
+    assert "other differences" not in verdict([ce, rows[0]], ce, "tv", "the truth")
+
+
+def test_sort_groups_and_table_layout():
+    rows = [_row("ref", None, 0.0, 0.0), _row("ce", "a", 0.13, 0.01), _row("ce + kd", "a", 0.06, 0.01),
+            _row("ce + kd (transfer)", "b", 0.05, 0.0)]
+    ordered = sort_groups(rows, "tv")
+    assert [r["method"] for r in ordered] == ["ref", "ce + kd", "ce", "ce + kd (transfer)"]
+    text = format_table(ordered, (("acc", "test acc"), ("tv", "TV")), 3).splitlines()
+    assert text[0].startswith("method") and "(mean ± std over 3 seeds)" in text[0]
+    assert text[3] == "a:" and text[6] == "b:"
+    assert text[4].split() == ["ce", "+", "kd", "0.8000", "±", "0.0100", "0.0600", "±", "0.0100"]
+
+
+FAKE_DEMO = types.ModuleType("fake_demo_plugin")
+
+
+@kdcore.hookimpl
+def register_demos(register):
+    def run(out_dir, *, quiet=False):
+        print(f"fake demo in {out_dir}")
+        return []
+    register("fake", run)
+
+
+FAKE_DEMO.register_demos = register_demos
+
+
+def test_a_plugin_registers_a_demo(tmp_path, capsys):
+    reg = load_registry(env={"KDCORE_PLUGINS": ""}, extra_plugins=[("fake", FAKE_DEMO)])
+    assert sorted(plugin_demos(reg)) == ["fake"]
+    find_demo(reg, "fake")(tmp_path, quiet=True)
+    assert f"fake demo in {tmp_path}" in capsys.readouterr().out
+    assert find_demo(reg, None) is run_demo
+    with pytest.raises(ConfigError, match=r"^demo 'other': no installed plugin provides it \(installed demos: fake\)"):
+        find_demo(reg, "other")
+    with pytest.raises(ConfigError, match=r"^demo 'lm' comes with kdcore-lm, which is not installed: pip install"):
+        find_demo(reg, "lm")
