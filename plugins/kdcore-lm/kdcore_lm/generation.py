@@ -11,7 +11,8 @@ tokens of every row (data without prompts: plain text, ``synthetic_lm``).
 
 Generation. ``max_new_tokens`` tokens are drawn after each prompt (see
 :mod:`kdcore_lm.sampling`); a row stops at its first ``eos_token_id``, and
-generation stops when every row has (or after ``max_new_tokens`` steps).
+generation stops when every row has (or after ``max_new_tokens`` steps; under DDP / FSDP every rank runs all
+``max_new_tokens`` steps, so sharded models' collectives stay in step).
 The model runs in eval mode under ``no_grad`` and is put back in the mode it
 was in. The ``hf`` backbone decodes incrementally with its key/value cache
 (prompts left-padded, positions counted from each prompt's first token);
@@ -106,9 +107,11 @@ def _recomputed_steps(model, prompts: Tensor, lengths: Tensor, steps: int, choos
 
 def generate(model: nn.Module, prompts: Tensor, lengths: Tensor, *, max_new_tokens: int,
              generator: torch.Generator | None, temperature: float = 1.0, top_p: float = 1.0,
-             eos_token_id: int | None = None, pad_token_id: int = 0) -> Tensor:
+             eos_token_id: int | None = None, pad_token_id: int = 0, stop_early: bool = True) -> Tensor:
     """``[B, N]`` tokens generated after the left-aligned ``prompts`` ``[B, P]`` of ``lengths`` ``[B]``
-    (``N <= max_new_tokens``; after a row's first EOS its tokens are ``pad_token_id``)."""
+    (``N <= max_new_tokens``; after a row's first EOS its tokens are ``pad_token_id``). With
+    ``stop_early = False`` all ``max_new_tokens`` steps run even once every row has ended (every
+    rank then runs the same number of forward passes, as a sharded model's collectives need)."""
     out: list[Tensor] = []
     done = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
 
@@ -119,7 +122,7 @@ def generate(model: nn.Module, prompts: Tensor, lengths: Tensor, *, max_new_toke
         out.append(token)
         if eos_token_id is not None:
             done = done | (token == eos_token_id)
-        return None if len(out) == max_new_tokens or bool(done.all()) else token
+        return None if len(out) == max_new_tokens or (stop_early and bool(done.all())) else token
 
     was = model.training
     model.eval()

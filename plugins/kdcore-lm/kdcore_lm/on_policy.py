@@ -117,7 +117,8 @@ class OnPolicy(BatchPolicy):
         with context.autocast():
             generated = generate(model, prompts, lengths, max_new_tokens=self.max_new_tokens,
                                  generator=context.generator(SAMPLE, per_rank=True), temperature=self.temperature,
-                                 top_p=self.top_p, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+                                 top_p=self.top_p, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                 stop_early=context.world == 1)
         new_inputs, target = completion_batch(prompts, lengths, generated, eos_token_id=self.eos_token_id,
                                               pad_token_id=self.pad_token_id)
         return batch.replace(inputs=new_inputs, target=target)

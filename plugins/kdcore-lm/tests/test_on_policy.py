@@ -164,6 +164,12 @@ def test_generation_stops_at_eos_and_pads_after_it(tiny):
             assert (row[f + 1:] == 0).all()
     if all(f is not None for f in first):
         assert out.shape[1] == max(first) + 1  # stopped once every row had ended
+    full = generate(tiny, prompts, lengths, generator=None, max_new_tokens=5, temperature=0.0,
+                    eos_token_id=eos, pad_token_id=0, stop_early=False)  # what every rank does under DDP
+    assert full.shape[1] == 5 and torch.equal(full[:, :out.shape[1]], out)
+    for row, f in zip(full, first):
+        if f is not None:
+            assert (row[f + 1:] == 0).all()
 
 
 # -- through the engine ----------------------------------------------------------------------------
