@@ -105,6 +105,11 @@ def main(argv: list[str]) -> int:
     import kdcore
 
     kdcore.available("loss")  # the plugins, loaded once too
+    for heavy in ("transformers", "torchvision"):  # imported by several pages: once, if installed
+        try:
+            __import__(heavy)
+        except ImportError:
+            pass
     spec, results_path, root = json.loads(Path(argv[0]).read_text()), Path(argv[1]), Path(argv[2])
     results = {}
     for n, (page, sources) in enumerate(spec.items()):
