@@ -135,6 +135,8 @@ def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, sh
     shape = target_shape(split)
     positions = max(1, int(torch.Size(shape).numel()))
     n = len(split)
+    if batch_size is not None and batch_size <= 0:
+        raise ConfigError(f"--batch-size: must be > 0, got {batch_size}")
     if shard_samples is not None and shard_samples <= 0:
         raise ConfigError(f"--shard-samples: must be > 0, got {shard_samples}")
     per = shard_samples or max(1, SHARD_BYTES // (positions * layout.record_bytes))
@@ -147,14 +149,16 @@ def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, sh
         "data": {"name": conf.data.name, "fingerprint": fingerprint.split_fingerprint(split)},
         "teacher": fingerprint.teacher_identity(tc.backbone, tc.params, ckpt),
     }
-    existing = _check_existing(root, manifest)
+    if dist.is_main:  # one rank looks at --out and writes the manifest; the others then read it
+        existing = _check_existing(root, manifest)
+        if existing is None or not existing.get("complete"):
+            store.write_manifest(root, manifest)
+    dist.barrier()
+    existing = store.read_manifest(root, "--out")
     if existing is not None and existing.get("complete"):
         if dist.is_main and not quiet:
             print(f"capture: {root} is complete already ({n} samples)")
         return existing
-    if dist.is_main:
-        store.write_manifest(root, manifest)
-    dist.barrier()
     autocast = (contextlib.nullcontext if run.amp == "off" else
                 lambda: torch.autocast(device.type, dtype=torch.bfloat16 if run.amp == "bf16" else torch.float16))
     mine = [j for j in range(manifest["shards"]) if j % dist.world == dist.rank]

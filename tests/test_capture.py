@@ -190,3 +190,20 @@ def test_the_store_example_pair_runs(tmp_path, monkeypatch):
     stored = kdcore.train(examples / "store_kd.toml", tmp_path / "runs" / "store_kd", small, quiet=True)
     assert stored["test_acc"] > 0.4
     assert math.isclose(stored["final"]["loss/kd"], online["final"]["loss/kd"], rel_tol=1e-4)
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_two_ranks_write_the_store_of_one_process(config, tmp_path):
+    import os
+
+    capture(config, tmp_path / "one", top_k=2, shard_samples=100, quiet=True)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "kdcore", "capture", str(config),
+                           "--out", str(tmp_path / "two"), "--top-k", "2", "--shard-samples", "100", "--quiet",
+                           "--set", "run.device=cpu"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = _files(tmp_path / "one")
+    two = _files(tmp_path / "two")
+    assert one.keys() == two.keys()
+    assert all(one[k] == two[k] for k in one if k.startswith("shard-"))

@@ -334,3 +334,26 @@ def test_augmented_image_splits_declare_random_views():
         pytest.skip("kdcore-vision (digits) is not installed")
     assert fingerprint.random_views(kdcore.create("dataset", "digits"))
     assert not fingerprint.random_views(kdcore.create("dataset", "digits", augment=False))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(scale=st.sampled_from([1e-3, 1.0, 30.0, 1e3, 1e4]), k=st.integers(1, 11), seed=st.integers(0, 2**16),
+       temperature=st.sampled_from([0.5, 1.0, 4.0]))
+def test_bucket_loss_is_finite_on_extreme_float32_inputs(scale, k, seed, temperature):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(6, 12, generator=g) * scale).requires_grad_()
+    t = torch.randn(6, 12, generator=g) * scale
+    y = torch.randint(0, 12, (6,), generator=g)
+    y[0] = -100
+    ids, logp, rest = store.top_k(t, k)
+    layout = store.choose_layout(12, k, "uint8")
+    teacher = buckets.TopKOutputs(*store.decode(layout, store.encode(layout, ids, logp, rest)))
+    for loss in _losses():
+        loss.temperature = temperature
+        value = buckets.bucket_loss(loss, kdcore.Outputs(s), teacher, y)
+        grad, = torch.autograd.grad(value, s)
+        assert torch.isfinite(value) and torch.isfinite(grad).all(), type(loss).__name__
