@@ -1,4 +1,4 @@
-"""The ``kdcore`` command line: train, demo, plugins, list (and plugin commands).
+"""The ``kdcore`` command line: train, capture, demo, plugins, list (and plugin commands).
 
 Exit status: 0 on success, 2 for a usage or configuration error (one line, no
 traceback), 1 for a failure while running (``--debug`` or ``KDCORE_DEBUG=1``
@@ -38,6 +38,17 @@ def _cmd_train(args) -> int:
     print(summary_line(summary)
           + (f"; best val_acc {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")
           + f"; run directory {out}")
+    return 0
+
+
+def _cmd_capture(args) -> int:
+    from kdcore.capture import capture
+
+    m = capture(args.config, args.out, args.set, top_k=args.top_k, values=args.values, batch_size=args.batch_size,
+                shard_samples=args.shard_samples, quiet=args.quiet)
+    if not args.quiet and m.get("complete"):
+        print(f"store {args.out}: {m['n']} samples x {m['positions']} position(s), k = {m['k']} of "
+              f"{m['num_classes']}, {m['layout']['record_bytes']} bytes per position")
     return 0
 
 
@@ -99,6 +110,16 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_new_plugin(args) -> int:
+    from kdcore.scaffold import new_plugin
+
+    path = new_plugin(args.name, args.kind, args.out)
+    where = str(path) if path.is_absolute() else f"./{path}"
+    print(f"wrote {where}\n"
+          f"next: pip install -e \"{where}[test]\" && pytest {where}   (its tests need it installed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdcore", description="Plugin-based knowledge distillation for PyTorch.")
     parser.add_argument("--version", action="version", version=f"kdcore {__version__}")
@@ -115,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete the results of an earlier run in <out> (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("capture", help="run a config's teacher over the training split once and store its top-k")
+    p.add_argument("config", help="the training config (its [data] and [teacher])")
+    p.add_argument("--out", required=True, help="the store's directory (an interrupted capture continues there)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="ids kept per position (default: 128, at most the number of classes)")
+    p.add_argument("--values", choices=("auto", "float32", "float16", "uint8"), default="auto",
+                   help="coding of the kept log-probabilities (auto: float32 when K is every class, else uint8)")
+    p.add_argument("--batch-size", type=int, default=None, help="teacher batch size (default: run.eval_batch_size)")
+    p.add_argument("--shard-samples", type=int, default=None, help="samples per shard file (default: ~64 MiB)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_capture)
 
     p = sub.add_parser("demo", help="teacher + students on the embedded gaussian_mixture data (offline)")
     p.add_argument("name", nargs="?", default=None,
@@ -133,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=KINDS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_list)
+
+    p = sub.add_parser("new-plugin", help="write a ready plugin package kdcore-NAME (one sample component, tests)")
+    p.add_argument("name", metavar="NAME", help="the plugin's name, e.g. my-loss (package kdcore_my_loss)")
+    p.add_argument("--kind", default="loss", choices=("loss", "divergence", "transform", "scheduler", "backbone",
+                                                      "dataset"), help="the sample component's kind (default: loss)")
+    p.add_argument("--out", default=".", help="the directory that receives kdcore-NAME/ (default: .)")
+    p.set_defaults(handler=_cmd_new_plugin)
     return parser, sub
 
 

@@ -29,7 +29,7 @@ needed only for it) of float32 inputs that break naive implementations.
 """
 
 from kdcore.testing.backbones import check_backbone
-from kdcore.testing.components import check_component, components, testing_params
+from kdcore.testing.components import CHECKED_KINDS, check_component, components, testing_params
 from kdcore.testing.datasets import check_dataset
 from kdcore.testing.distributions import check_divergence, check_transform
 from kdcore.testing.inputs import (assert_finite_with_grads, extreme_batches, random_logits, random_targets,
@@ -42,4 +42,4 @@ from kdcore.testing.skips import CHECKS
 __all__ = ["random_logits", "random_targets", "value_and_grad", "assert_finite_with_grads", "extreme_batches",
            "check_loss", "check_logit_loss", "check_outputs_loss", "check_divergence", "check_transform",
            "check_schedule", "check_weighting", "check_scheduler", "check_backbone", "check_dataset",
-           "check_component", "components", "testing_params", "progress_grid", "TinyConvNet", "CHECKS"]
+           "check_component", "components", "CHECKED_KINDS", "testing_params", "progress_grid", "TinyConvNet", "CHECKS"]

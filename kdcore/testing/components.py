@@ -16,6 +16,10 @@ from kdcore.testing.losses import check_loss
 from kdcore.testing.schedules import check_scheduler
 
 
+#: the kinds that have checks (every registration hook of the contract)
+CHECKED_KINDS = ("loss", "divergence", "transform", "scheduler", "backbone", "dataset")
+
+
 def components(kind: str, plugin: str | None = None, registry: Registry | None = None) -> list[str]:
     """Sorted names of ``kind`` registered by the plugin whose entry-point name is
     ``plugin`` (every plugin when None), in the installed plugins' registry."""
@@ -30,14 +34,14 @@ def testing_params(kind: str, name: str, registry: Registry | None = None) -> di
     return dict(getattr(reg.get(kind, name).factory, "testing_params", None) or {})
 
 
-def _required(factory: Callable[..., Any], params: dict[str, Any]) -> list[str]:
-    """Required keyword parameters of ``factory`` that ``params`` lacks."""
+def _required(factory: Callable[..., Any], params: dict[str, Any], filled: tuple[str, ...] = ()) -> list[str]:
+    """Required keyword parameters of ``factory`` that ``params`` lacks (``filled``: given by the check)."""
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
         return []
     return [p.name for p in sig.parameters.values() if p.default is p.empty and p.name not in params
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "num_classes"]
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in filled]
 
 
 def check_component(kind: str, name: str, registry: Registry | None = None,
@@ -51,9 +55,12 @@ def check_component(kind: str, name: str, registry: Registry | None = None,
     built with those parameters (a required one missing, or a
     :class:`kdcore.ConfigError` from the factory, e.g. for missing local
     files) raises :class:`kdcore.ConfigError`."""
+    if kind not in CHECKED_KINDS:
+        raise ValueError(f"kdcore.testing has no checks for kind {kind!r} (kinds: {', '.join(CHECKED_KINDS)})")
     reg = default_registry() if registry is None else registry
     params = params or testing_params(kind, name, reg)
-    missing = _required(reg.get(kind, name).factory, params)
+    filled = ("num_classes", "in_features") if kind == "backbone" else ()
+    missing = _required(reg.get(kind, name).factory, params, filled)
     if missing:
         raise ConfigError(f"{kind} {name!r} needs the parameter(s) {', '.join(missing)}; "
                           "give them in its testing_params")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdcore.hookspecs import KINDS
+from kdcore.testing.components import CHECKED_KINDS
 
 
 def pytest_addoption(parser) -> None:
@@ -46,6 +46,6 @@ def pytest_generate_tests(metafunc) -> None:
         return
     wanted = set(metafunc.config.getini("kdcore_plugins"))
     reg = _registry()
-    found = [(kind, name) for kind in KINDS for name in reg.available(kind)
+    found = [(kind, name) for kind in CHECKED_KINDS for name in reg.available(kind)
              if not wanted or reg.get(kind, name).plugin in wanted]
     metafunc.parametrize("kdcore_component", found, ids=[f"{k}:{n}" for k, n in found])
