@@ -351,3 +351,59 @@ def test_example_runs_shortened(tmp_path, monkeypatch):
     summary = kdcore.train(EXAMPLES / "lm_on_policy.toml", tmp_path / "runs" / "lm_on_policy",
                            small + ["batch_policy.prompt_length=4", "batch_policy.max_new_tokens=8"], quiet=True)
     assert math.isfinite(summary["test_tv"]) and math.isfinite(summary["final"]["loss/kd"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_completion_batch_matches_a_per_row_reference(data):
+    rows = data.draw(st.integers(1, 4))
+    steps = data.draw(st.integers(1, 6))
+    eos = data.draw(st.sampled_from([None, 1]))
+    lengths = [data.draw(st.integers(1, 5)) for _ in range(rows)]
+    prompts = torch.zeros(rows, max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        prompts[i, :n] = torch.tensor(data.draw(st.lists(st.integers(2, 9), min_size=n, max_size=n)))
+    generated = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 9), min_size=steps, max_size=steps),
+                                                min_size=rows, max_size=rows)))
+    inputs, target = completion_batch(prompts, torch.tensor(lengths), generated, eos_token_id=eos, pad_token_id=0)
+    seqs, gens = [], []
+    for i, n in enumerate(lengths):
+        g = generated[i].tolist()
+        if eos is not None and eos in g:
+            g = g[:g.index(eos) + 1]
+        seqs.append(prompts[i, :n].tolist() + g)
+        gens.append(len(g))
+    width = max(len(s) for s in seqs)
+    assert inputs["input_ids"].shape == target.shape == (rows, width)
+    for i, (s, n, k) in enumerate(zip(seqs, lengths, gens)):
+        assert inputs["input_ids"][i].tolist() == s + [0] * (width - len(s))
+        assert inputs["attention_mask"][i].tolist() == [1] * len(s) + [0] * (width - len(s))
+        assert target[i].tolist() == [s[t + 1] if n - 1 <= t < n + k - 1 else -100 for t in range(width)]
+
+
+def test_prompt_completion_records_keep_their_prompts(tmp_path, tokenizer_dir, tokenizer):
+    import json
+
+    records = [{"prompt": f"tell me about the {w}", "completion": f"the {w} sat on the mat"}
+               for w in ("cat", "dog", "day", "night", "park", "answer")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    conf = {"run": {"seed": 0, "epochs": 1, "batch_size": 6, "progress": "off"},
+            "data": {"name": "text", "path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "train.jsonl"),
+                     "tokenizer": str(tokenizer_dir), "max_length": 24},
+            "student": {"backbone": "hf", "config": dict(STUDENT)},
+            "optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0}, "loss": [{"name": "ce"}],
+            "batch_policy": {"name": "on_policy", "lmbda": 1.0, "max_new_tokens": 6, "eos_token_id": eos,
+                             "pad_token_id": pad}}
+    trainer = build_trainer(conf, None, quiet=True)
+    batch = next(iter(trainer.batches.epoch(torch.Generator().manual_seed(0))))
+    made = trainer.batch_policy(batch, _context(trainer))
+    for row, i in enumerate(batch.index.tolist()):
+        prompt = tokenizer(records[i]["prompt"])["input_ids"]  # with its special tokens, as the dataset has it
+        n = len(prompt)
+        assert made.inputs["input_ids"][row, :n].tolist() == prompt
+        assert (made.target[row, :n - 1] == -100).all() and made.target[row, n - 1] != -100
+        kept = made.target[row][made.target[row] != -100].tolist()
+        assert 1 <= len(kept) <= 6 and (eos not in kept[:-1])  # nothing after the first EOS
+        assert int(made.inputs["attention_mask"][row].sum()) == n + len(kept)
+    assert math.isfinite(float(trainer.train_step(batch)["ce"].detach()))
