@@ -17,6 +17,7 @@ import argparse
 import functools
 import inspect
 import io
+import re
 import textwrap
 import tokenize
 import typing
@@ -30,10 +31,19 @@ GENERATED = {
 }
 
 
+#: a Sphinx cross-reference role before inline code (``:class:`Outputs```), as docstrings write them
+_ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):(?=<code>|`)")
+
+
 def on_files(files, config):
     for uri, build in GENERATED.items():
         files.append(File.generated(config, uri, content=build()))
     return files
+
+
+def on_page_content(html, page, config, files):
+    """Docstrings rendered by mkdocstrings show their Sphinx roles as text: drop them."""
+    return _ROLE.sub("", html)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -41,7 +51,7 @@ def on_files(files, config):
 
 def _cell(text: object) -> str:
     """Text fit for one markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    return _ROLE.sub("", " ".join(str(text).split())).replace("|", "\\|")
 
 
 def _code(text: object) -> str:
