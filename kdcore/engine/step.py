@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from kdcore.engine.batches import Batch
 from kdcore.engine.distributed import Dist
 from kdcore.engine.taps import Tapping
-from kdcore.errors import NonFiniteGradient, NonFiniteLoss
+from kdcore.errors import ConfigError, NonFiniteGradient, NonFiniteLoss
 from kdcore.outputs import Outputs
 
 
@@ -36,6 +36,17 @@ def forward(model: nn.Module, inputs, tapped: nn.Module, taps: Sequence[str], in
     if out.index is None:
         out.index = index
     return out
+
+
+def check_sharded_outputs(out: Outputs) -> None:
+    """Under FSDP (``run.strategy = "fsdp"``) the student must return its logits:
+    a head called after FSDP's forward (the fused projection, or logits computed
+    on first read) takes its gradients outside FSDP's gradient reduction, and
+    the ranks' weights drift apart silently. Refused as a config error."""
+    if out.projectable and not out.has_logits:
+        raise ConfigError("student: under run.strategy = 'fsdp' the student must return its logits, not "
+                          "hidden states and a head to project later (the head would run outside FSDP's "
+                          "gradient reduction); for the hf backbone set student.fused = false")
 
 
 def micro_weights(micros: Sequence[Batch], dist: Dist) -> list[Tensor] | None:

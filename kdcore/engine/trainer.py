@@ -238,6 +238,8 @@ class Trainer:
         taps = self.objective.has_taps
         s = step.forward(model, inputs, self.student, self.objective.taps(terms, "student") if taps else (),
                          batch.index)
+        if self.sharded:
+            step.check_sharded_outputs(s)
         t = None
         if self.teacher_source is not None and any(term.uses_teacher for term in terms):
             with torch.no_grad():

@@ -1,0 +1,142 @@
+"""The finiteness guard on gradients: a step whose losses are finite but whose
+gradient is not stops the run (exit 1, the last finite checkpoint kept), naming
+the parameter group; on accelerators the first bad step is recorded on the
+device and names the real term (the device logic runs here on CPU tensors)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kdcore
+from kdcore.engine.step import FiniteGuard, gradient_norms
+from kdcore.errors import NonFiniteGradient, NonFiniteLoss
+from kdcore.plugins import load_registry
+
+_spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
+runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(runs)
+
+
+class NanGradient(nn.Module):
+    """From step ``after`` on, a term whose value is 0 (finite) and whose gradient is NaN:
+    ``sqrt(|0 * x|)`` on the student's logits, or on its own parameter with ``own``."""
+
+    uses_teacher = False
+
+    def __init__(self, *, after: int = 3, own: bool = False):
+        super().__init__()
+        self.after, self.own = after, own
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, student, teacher, target):
+        self.calls += 1
+        x = self.scale * 0.0 if self.own else student.sum() * 0.0 + 0.0 * self.scale
+        if int(self.calls) <= self.after:
+            return x
+        return x.abs().sqrt()
+
+
+@kdcore.hookimpl
+def register_losses(register):
+    register("nan_gradient", NanGradient)
+
+
+def _registry():
+    plugin = types.ModuleType("toy_nan_gradient")
+    plugin.register_losses = register_losses
+    return load_registry(env={}, entry_points=[], extra_plugins=[("toy_nan_gradient", plugin)])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    kdcore.train(runs.teacher_config(epochs=1), out, quiet=True)
+    return str(out / "checkpoints" / "best.pt")
+
+
+def _conf(teacher, clip=None, **term):
+    conf = runs.student_config(teacher, epochs=1, checkpoint_every=2)
+    conf["loss"].append({"name": "nan_gradient", "after": 5, **term})
+    if clip:
+        conf["optim"]["clip_grad_norm"] = clip
+    return conf
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_non_finite_student_gradient_stops_the_run_keeping_finite_checkpoints(tmp_path, teacher, clip):
+    with pytest.raises(NonFiniteGradient, match=r"step 6: the gradient of the student's parameters has norm nan"):
+        kdcore.train(_conf(teacher, clip), tmp_path, quiet=True, registry=_registry())
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_term_parameter_gradient_names_the_term(tmp_path, teacher):
+    with pytest.raises(NonFiniteGradient, match=r"step 6: the gradient of loss term 'nan_gradient'"):
+        kdcore.train(_conf(teacher, own=True), tmp_path, quiet=True, registry=_registry())
+
+
+def test_the_cli_exits_1_with_one_line(tmp_path, teacher, capsys, monkeypatch):
+    import kdcore.cli
+
+    def fail(args):
+        raise NonFiniteGradient(6, "the student's parameters", math.nan)
+
+    monkeypatch.setattr(kdcore.cli, "_cmd_list", fail)
+    assert kdcore.cli.main(["list"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step 6: the gradient of the student's parameters has norm nan" in err[0]
+
+
+def test_gradient_norms_per_group():
+    a, b, c = (nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([1.0, float("inf"), 0.0])
+    norms = gradient_norms([[a], [b], [c]])
+    assert norms[0] == 5.0 and math.isinf(norms[1]) and norms[2] == 0.0
+
+
+def _device_guard():
+    """The accelerator logic (nothing read until check), run on CPU tensors."""
+    return FiniteGuard(torch.device("cuda"), terms=["ce", "kd"], groups=["the student's parameters", "loss term 'x'"])
+
+
+def test_device_guard_names_the_term_and_its_value():
+    guard = _device_guard()
+    guard.observe_gradients(1, torch.tensor([1.0, 2.0]))
+    guard.observe(1, {"ce": torch.tensor(1.0), "kd": torch.tensor(2.0)}, torch.tensor(3.0))
+    guard.check()
+    guard.observe_gradients(2, torch.tensor([float("nan"), 2.0]))  # the same step's loss takes precedence
+    guard.observe(2, {"kd": torch.tensor(float("inf"))}, torch.tensor(float("inf")))
+    guard.observe(3, {"ce": torch.tensor(float("nan"))}, torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLoss, match=r"step 2: loss term 'kd' is inf"):
+        guard.check()
+
+
+def test_device_guard_total_and_gradients():
+    guard = _device_guard()
+    guard.observe(1, {"ce": torch.tensor(1e38), "kd": torch.tensor(1e38)}, torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLoss, match=r"step 1: loss term 'total' is inf"):
+        guard.check()
+    guard = _device_guard()
+    guard.observe_gradients(4, torch.tensor([1.0, float("nan")]))
+    guard.observe(4, {"ce": torch.tensor(1.0)}, torch.tensor(1.0))
+    guard.observe_gradients(5, torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(NonFiniteGradient, match=r"step 4: the gradient of loss term 'x' has norm nan"):
+        guard.check()
+
+
+def test_eager_guard_prefers_the_loss_of_the_same_step():
+    guard = FiniteGuard(torch.device("cpu"), terms=["ce"], groups=["the student's parameters"])
+    guard.observe_gradients(1, torch.tensor([float("nan")]))
+    with pytest.raises(NonFiniteLoss, match="loss term 'ce' is nan"):
+        guard.observe(1, {"ce": torch.tensor(float("nan"))}, torch.tensor(float("nan")))
+    guard.observe_gradients(2, torch.tensor([1.0]))
+    guard.observe(2, {"ce": torch.tensor(1.0)}, torch.tensor(1.0))  # the earlier record is gone
