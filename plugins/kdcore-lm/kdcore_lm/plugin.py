@@ -22,3 +22,10 @@ def register_datasets(register):
 @hookimpl
 def register_batch_policies(register):
     register("on_policy", OnPolicy)
+
+
+@hookimpl
+def register_demos(register):
+    from kdcore_lm.demo import run_demo
+
+    register("lm", run_demo)

@@ -111,15 +111,17 @@ def _check_split(split) -> tuple[float, float, float]:
 
 def synthetic_lm(n: int = 2048, length: int = 32, vocab_size: int = 256, states: int = 24, seed: int = 0,
                  split: Sequence[float] = (0.9, 0.05, 0.05), transition_concentration: float = 0.05,
-                 emission_concentration: float = 0.02) -> DataSplits:
+                 emission_concentration: float = 0.02, train_size: int | None = None) -> DataSplits:
     """The HMM language of ``seed``, ``n`` sequences of ``length`` tokens.
 
     Splits are :class:`kdcore.data.TensorSplit` with inputs ``{"input_ids": [n, T]}``
     and shifted targets ``[n, T]``; val and test carry ``posterior`` ``[n, T, V]``
     (the exact next-token law, float32). ``meta`` holds the ``hmm``, and the true
     per-token NLL and perplexity of the test split (``true_nll``, ``true_ppl``:
-    what a perfect model scores).
+    what a perfect model scores). ``train_size`` keeps only the first
+    ``train_size`` training sequences (few data for a student; val and test unchanged).
     """
+    params.positive_int("train_size", train_size, optional=True)
     params.positive_int("n", n)
     params.positive_int("length", length)
     params.positive_int("vocab_size", vocab_size)
@@ -146,6 +148,10 @@ def synthetic_lm(n: int = 2048, length: int = 32, vocab_size: int = 256, states:
         parts.append(TensorSplit({"input_ids": inputs[a:b]}, targets[a:b], post))
     if parts[0] is None:
         raise ConfigError("split: the training split is empty")
+    if train_size is not None:
+        if train_size > len(parts[0]):
+            raise ConfigError(f"train_size: {train_size} is more than the {len(parts[0])} training sequences")
+        parts[0] = TensorSplit({"input_ids": inputs[:train_size]}, targets[:train_size], None)
     a, b = cuts[2] if parts[2] is not None else cuts[1] if parts[1] is not None else cuts[0]
     nll = hmm.entropy_rate(tokens[a:b])
     return DataSplits(*parts, num_classes=vocab_size, input_shape=(length,),
