@@ -49,9 +49,16 @@ def on_page_content(html, page, config, files):
 # -- helpers -------------------------------------------------------------------------------------
 
 
+def _text(text: object) -> str:
+    """Plain text on one line for markdown: ``<`` and ``>`` outside code spans escaped
+    (``runs/<config name>`` would otherwise be read as an HTML tag), Sphinx roles dropped."""
+    parts = re.split(r"(`+[^`]*`+)", _ROLE.sub("", " ".join(str(text).split())))
+    return "".join(p if p.startswith("`") else p.replace("<", "&lt;").replace(">", "&gt;") for p in parts)
+
+
 def _cell(text: object) -> str:
     """Text fit for one markdown table cell."""
-    return _ROLE.sub("", " ".join(str(text).split())).replace("|", "\\|")
+    return _text(text).replace("|", "\\|")
 
 
 def _code(text: object) -> str:
@@ -59,8 +66,9 @@ def _code(text: object) -> str:
 
 
 def _first_paragraph(obj: object) -> str:
+    """The first paragraph of a docstring, on one line (for text outside tables)."""
     doc = inspect.getdoc(obj) or ""
-    return _cell(doc.split("\n\n", 1)[0])
+    return _text(doc.split("\n\n", 1)[0])
 
 
 def _toml(value: object) -> str:
