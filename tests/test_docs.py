@@ -63,6 +63,12 @@ def test_site_builds_strictly(tmp_path):
         assert (tmp_path / "site" / f"{page}.html").is_file(), page
     api = (tmp_path / "site" / "reference" / "api.html").read_text()
     assert "kdcore.create" in api and "LogitLoss" in api  # mkdocstrings rendered the docstrings
+    hooks = (tmp_path / "site" / "reference" / "hooks.html").read_text()
+    from kdcore import hookspecs
+
+    for name in vars(hookspecs):
+        if getattr(getattr(hookspecs, name), "kdcore_spec", None) is not None:
+            assert f'id="kdcore.hookspecs.{name}"' in hooks, f"the hook reference lacks {name}"
 
 
 def _reference():
