@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" "setuptools>=68" wheel
 plugins=()
-for d in plugins/*/; do [ -f "$d/pyproject.toml" ] && plugins+=(-e "$d"); done
+for d in plugins/*/ examples/*/; do [ -f "$d/pyproject.toml" ] && plugins+=(-e "$d"); done
 "${PIP[@]}" --no-build-isolation -e ".[test,docs]" "${plugins[@]}"
