@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NO_RUN = "<!-- no-run -->"
 FRAGMENT = "<!-- fragment -->"
+PAGE_SECONDS = 120  # the most one page's blocks may take
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)[^\n]*$")
 
 
@@ -79,8 +80,10 @@ def _run_page(page: str, sources: list[str], workdir: Path) -> None:
     """In a forked child: run one page's blocks in order in one namespace; exit 0 or 1."""
     import os
     import shutil
+    import signal
     import traceback
 
+    signal.alarm(PAGE_SECONDS)  # a page that hangs is ended (SIGALRM) and reported, not waited for
     shutil.copytree(ROOT / "examples", workdir / "examples")  # pages name examples/... as from a checkout
     os.chdir(workdir)
     sys.path.insert(0, str(workdir))  # modules a page writes (a plugin, a model) import from here
@@ -124,7 +127,8 @@ def main(argv: list[str]) -> int:
         _, status = os.waitpid(pid, 0)
         ok = os.waitstatus_to_exitcode(status) == 0
         error = "" if ok else ((workdir / "_error.txt").read_text() if (workdir / "_error.txt").exists()
-                               else f"exit status {os.waitstatus_to_exitcode(status)}")
+                               else f"exit status {os.waitstatus_to_exitcode(status)}"
+                               + (f" (over {PAGE_SECONDS} s)" if os.waitstatus_to_exitcode(status) == -14 else ""))
         results[page] = {"ok": ok, "error": error, "seconds": round(time.perf_counter() - start, 2)}
     results_path.write_text(json.dumps(results, indent=1))
     return 0
