@@ -152,6 +152,8 @@ def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, sh
     if dist.is_main:  # one rank looks at --out and writes the manifest; the others then read it
         existing = _check_existing(root, manifest)
         if existing is None or not existing.get("complete"):
+            if existing is not None:
+                store.remove_partial(root)  # what a killed capture was writing
             store.write_manifest(root, manifest)
     dist.barrier()
     existing = store.read_manifest(root, "--out")

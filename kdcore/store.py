@@ -214,6 +214,12 @@ def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     _atomic_write(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def remove_partial(root: Path) -> None:
+    """Delete the temporary files a killed writer left in ``root`` (a whole file never is one)."""
+    for path in root.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
 def read_manifest(root: Path, where: str) -> dict[str, Any] | None:
     """The manifest of the store at ``root`` (None where there is none); ``where`` names the key in errors."""
     path = root / MANIFEST

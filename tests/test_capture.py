@@ -207,3 +207,25 @@ def test_two_ranks_write_the_store_of_one_process(config, tmp_path):
     two = _files(tmp_path / "two")
     assert one.keys() == two.keys()
     assert all(one[k] == two[k] for k in one if k.startswith("shard-"))
+
+
+def test_a_killed_capture_process_resumes(config, tmp_path):
+    """SIGKILL while shards are being written; the same command then finishes the store."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "kdcore", "capture", str(config), "--out", str(tmp_path / "cut"), "--top-k", "2",
+           "--shard-samples", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "cut").glob("shard-*.bin"))) < 5 and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = store.read_manifest(tmp_path / "cut", "--out")
+    if manifest["complete"]:
+        pytest.skip("the capture finished before it could be killed")
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    capture(config, tmp_path / "whole", top_k=2, shard_samples=1, quiet=True)
+    assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
