@@ -93,6 +93,32 @@ def average_gradients(params: Sequence[nn.Parameter], dist: Dist) -> None:
         offset += g.numel()
 
 
+def own_gradients(terms, weighted: Mapping[str, Tensor]) -> list[tuple[str, list[nn.Parameter], tuple]]:
+    """Each active term's gradient to its own parameters (a connector), the
+    batch's graph kept: taken before a gradient-aware scheduler, whose update
+    covers the student's parameters only, frees it."""
+    out = []
+    for term in terms:
+        value = weighted.get(term.id)
+        if value is None or not value.requires_grad or not isinstance(term.loss, nn.Module):
+            continue
+        ps = trainable(term.loss.parameters())
+        if ps:
+            out.append((term.id, ps, torch.autograd.grad(value, ps, retain_graph=True, allow_unused=True)))
+    return out
+
+
+def set_own_gradients(own: Sequence[tuple[str, list[nn.Parameter], tuple]], coefficients: Mapping[str, float]) -> None:
+    """Write :func:`own_gradients` into ``.grad``, each term's scaled by its coefficient in the
+    scheduler's update (1 where the scheduler gives none), as the student's share of that term is."""
+    for name, ps, grads in own:
+        c = float(coefficients.get(name, 1.0))
+        for p, g in zip(ps, grads):
+            if g is not None:
+                g = g * c
+                p.grad = g if p.grad is None else p.grad + g
+
+
 class BufferSync:
     """Keeps the loss terms' floating-point buffers (memory banks, running
     statistics) identical on every rank after each step.

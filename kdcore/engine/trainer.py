@@ -97,8 +97,8 @@ class Trainer:
         #: the teacher's outputs per batch (the model, a cache of it, or a store; None: no teacher)
         self.teacher_source = teacher_source.build(config, self.data, self.objective, self.teacher,
                                                    self.teacher_forward, self.device, self.out)
-        self._materialise_lazy_terms()
         self.sharded = run.strategy == "fsdp" and self.dist.enabled
+        self._materialise_lazy_terms()
         self.model = self._wrap_student()
         self.params = step.trainable(self.student.parameters())
         self.term_params = step.trainable(self.objective.modules.parameters())
@@ -355,10 +355,16 @@ class Trainer:
             def aux_fn(names=None):
                 return term_losses(next(aux), names)[1]
         ctx = GradientContext(weighted, self.objective.roles(), self.params, progress, aux_fn, self.dist.mean)
+        own = step.own_gradients(self.objective.terms, weighted) if self.term_params else []
         update = self.weighting.combine(ctx)
         self.optimizer.zero_grad(set_to_none=True)
         if update.grad is not None:
             unflatten_into(update.grad, self.params)
+            try:
+                coefficients = self.weighting.coefficients()  # crossbatch: eq. 11's, after combine
+            except NotImplementedError:
+                coefficients = {}
+            step.set_own_gradients(own, coefficients)
         else:
             total = self.objective.total(weighted, {k: update.coefficients.get(k, 1.0) for k in weighted})
             if total is not None:
