@@ -297,6 +297,8 @@ class CRD(FeatureLoss):
 
     name = "crd"
     batch_level = True
+    #: parameters for kdcore.testing's checks (num_data is the training set's size; a small bank)
+    testing_params = {"num_data": 8, "num_negatives": 16}
     choose = staticmethod(lambda taps: [taps.pooled])
 
     def __init__(self, student_layers: Any = None, teacher_layers: Any = None, num_data: int | None = None,

@@ -67,6 +67,9 @@ class Switch(TimeSchedule):
     ``{name="switch", epoch=50, before=1, after=0}`` on the KD term and
     ``{name="switch", epoch=50, before=0, after=1}`` on the TAND term."""
 
+    #: parameters for kdcore.testing's checks (epoch has no default)
+    testing_params = {"epoch": 2}
+
     def __init__(self, epoch: int, before: float = 1.0, after: float = 0.0):
         self.epoch = params.positive_int("epoch", epoch)
         self.before = params.number("before", before)
@@ -92,6 +95,8 @@ class DistillDecay(TimeSchedule):
     """
 
     ROLES = ("kd", "ce", "reg")
+    #: parameters for kdcore.testing's checks (role has no default)
+    testing_params = {"role": "kd"}
 
     def __init__(self, role: str, start: float = 0.9, midpoint: float = 0.5, beta: float | None = None):
         self.role = params.one_of("role", role, self.ROLES)
