@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcore.data import DataSplits, TensorSplit
+from kdcore.data import DataSplits, TensorSplit, index_inputs
 
 #: a split whose tensors hold more bytes than this is hashed from a sample of rows
 WHOLE_HASH_BYTES = 256 * 2**20
@@ -77,8 +77,6 @@ def split_fingerprint(split) -> str:
         _update(h, split.targets)
         size = sum(t.numel() * t.element_size() for t in _tensors(split.inputs))
         rows = slice(None) if size <= WHOLE_HASH_BYTES else torch.tensor(_spaced(n, SAMPLED_ROWS))
-        from kdcore.data import index_inputs
-
         _update(h, index_inputs(split.inputs, rows))
         return h.hexdigest()
     for i in _spaced(n, SAMPLED_ROWS):

@@ -76,14 +76,20 @@ def test_a_store_of_another_capture_is_not_overwritten(config, tmp_path):
     assert again["complete"]
 
 
-def test_the_command_line(config, tmp_path):
-    cmd = [sys.executable, "-m", "kdcore", "capture", str(config), "--out", str(tmp_path / "s"), "--quiet"]
+def test_the_command_line(config, tmp_path, capsys):
+    from kdcore.cli import main
+
+    cmd = [sys.executable, "-m", "kdcore", "capture", str(config), "--out", str(tmp_path / "s")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    bad = subprocess.run(cmd[:-1] + ["--top-k", "9"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--top-k" in bad.stderr
-    bad = subprocess.run(cmd + ["--set", "teacher.source=store"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "teacher.store" in bad.stderr
+    assert "k = 3 of 3, 13 bytes per position" in done.stdout  # 1 byte of ids, 3 float32 values
+    capsys.readouterr()
+    assert main(["capture", str(config), "--out", str(tmp_path / "t"), "--top-k", "9", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kdcore: error: --top-k:")
+    assert main(["capture", str(config), "--out", str(tmp_path / "t"), "--set", "teacher.source=store"]) == 2
+    assert "teacher.store" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()  # nothing written for a refused capture
 
 
 # -- token level --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,8 @@ def target_shape(split) -> tuple[int, ...]:
     targets = getattr(split, "targets", None)
     if isinstance(targets, Tensor):
         return tuple(targets.shape[1:])
-    return tuple(torch.as_tensor(split[0][1] if not isinstance(split[0], dict) else split[0]["target"]).shape)
+    sample = split[0]
+    return tuple(torch.as_tensor(sample["target"] if isinstance(sample, Mapping) else sample[1]).shape)
 
 
 def check_keyed_by_index(config: Config, data: DataSplits, objective: Objective, what: str) -> None:
