@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("conf", nargs="?")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "_peak":

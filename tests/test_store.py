@@ -357,3 +357,19 @@ def test_bucket_loss_is_finite_on_extreme_float32_inputs(scale, k, seed, tempera
         value = buckets.bucket_loss(loss, kdcore.Outputs(s), teacher, y)
         grad, = torch.autograd.grad(value, s)
         assert torch.isfinite(value) and torch.isfinite(grad).all(), type(loss).__name__
+
+
+def test_the_cache_refuses_inputs_that_changed():
+    """A pipeline whose randomness the probe missed: the second read of a sample is refused."""
+    from kdcore.engine.batches import Batch
+    from kdcore.engine.teacher_source import ModelTeacher
+
+    model = torch.nn.Linear(4, 3)
+    cache = CachedTeacher(ModelTeacher(model, model), 10, 1, torch.device("cpu"), None)
+    x = torch.randn(5, 4)
+    batch = Batch.of(x, torch.zeros(5, dtype=torch.long), torch.arange(5))
+    first = cache(batch, x, ())
+    again = cache(batch, x.clone(), ())
+    assert cache.hits == 1 and torch.equal(again.logits, first.logits)
+    with pytest.raises(kdcore.ConfigError, match=r"^teacher\.cache: the inputs of training sample 2"):
+        cache(batch, x + (torch.arange(5) == 2).float()[:, None] * 1e-3, ())

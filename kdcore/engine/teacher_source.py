@@ -106,9 +106,26 @@ class _Rows:
         return raw.view(self.dtype).reshape(len(index), *self.shape).to(self.device, non_blocking=True)
 
 
+def input_checksums(inputs) -> Tensor:
+    """One float64 number per sample of ``inputs`` (a tensor or a mapping of tensors): a
+    position-weighted sum of its values, which changes when the sample's inputs do."""
+    tensors = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, Mapping) else [inputs]
+    total = None
+    for t in tensors:
+        flat = t.detach().reshape(t.shape[0], -1).double()
+        weights = torch.arange(flat.shape[1], device=flat.device, dtype=torch.float64).remainder_(251).add_(1)
+        part = flat @ weights
+        total = part if total is None else total + part
+    return total.cpu()
+
+
 class CachedTeacher:
     """A :class:`ModelTeacher` whose outputs (logits, or hidden states where the teacher
-    gives ``Outputs(hidden, head)``) are kept per sample after the first time."""
+    gives ``Outputs(hidden, head)``) are kept per sample after the first time.
+
+    Each kept sample also keeps :func:`input_checksums` of its inputs; a batch read
+    from the cache whose inputs differ from those is refused (the data pipeline
+    was random after all), so the cache never answers for other inputs."""
 
     def __init__(self, model: ModelTeacher, n: int, budget_mb: int, device: torch.device,
                  spill_dir: Path | None):
@@ -117,7 +134,16 @@ class CachedTeacher:
         self.rows: _Rows | None = None
         self.head = None
         self.filled = torch.zeros(n, dtype=torch.bool)
+        self.sums = torch.zeros(n, dtype=torch.float64)
         self.hits = 0  # batches answered from the cache
+
+    def _check(self, index: Tensor, sums: Tensor) -> None:
+        same = torch.isclose(sums, self.sums[index], rtol=1e-9, atol=1e-9)
+        if not bool(same.all()):
+            i = int(index[~same][0])
+            raise ConfigError(f"teacher.cache: the inputs of training sample {i} differ from those its teacher "
+                              "outputs were cached for (the data pipeline is random); set teacher.cache = false, "
+                              "or make the augmentation declare itself (random_views, docs/signals.md)")
 
     @property
     def on_device(self) -> bool:
@@ -125,7 +151,9 @@ class CachedTeacher:
 
     def __call__(self, batch: Batch, inputs, taps: Sequence[str]) -> Outputs:
         index = batch.index.cpu()
+        sums = input_checksums(inputs)
         if self.rows is not None and bool(self.filled[index].all()):
+            self._check(index, sums)
             self.hits += 1
             value = self.rows.get(index)
             if self.head is not None:
@@ -139,6 +167,7 @@ class CachedTeacher:
             self.head = out.head if keep_hidden else None
         self.rows.put(index, value.detach())
         self.filled[index] = True
+        self.sums[index] = sums
         return out
 
 
