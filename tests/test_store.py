@@ -373,3 +373,21 @@ def test_the_cache_refuses_inputs_that_changed():
     assert cache.hits == 1 and torch.equal(again.logits, first.logits)
     with pytest.raises(kdcore.ConfigError, match=r"^teacher\.cache: the inputs of training sample 2"):
         cache(batch, x + (torch.arange(5) == 2).float()[:, None] * 1e-3, ())
+
+
+def test_teacher_source_keys_round_trip_through_the_resolved_config():
+    import tomllib
+
+    from kdcore import config as cfg
+
+    base = {"data": {"name": "gaussian_mixture"}, "student": {"backbone": "mlp"}, "loss": [{"name": "kd"}]}
+    for teacher in ({"source": "store", "store": "/somewhere/store"},
+                    {"backbone": "mlp", "checkpoint": "t.pt", "cache": True, "cache_budget_mb": 5, "fixed_view": True}):
+        conf = cfg.from_dict({**base, "teacher": teacher})
+        again = cfg.from_dict(tomllib.loads(cfg.dumps(conf)))
+        assert again.teacher == conf.teacher
+        assert tomllib.loads(cfg.dumps(conf))["teacher"] == teacher
+    with pytest.raises(kdcore.ConfigError, match=r"^teacher\.hidden: a stored teacher without a backbone"):
+        cfg.from_dict({**base, "teacher": {"source": "store", "store": "x", "hidden": [3]}})
+    with pytest.raises(kdcore.ConfigError, match=r"^teacher\.cache: a stored teacher is read"):
+        cfg.from_dict({**base, "teacher": {"source": "store", "store": "x", "cache": True}})
