@@ -17,13 +17,28 @@ def pearson(u: Tensor, v: Tensor, dim: int = -1) -> Tensor:
     it is taken as 1 where the two are equal and 0 otherwise, so that
     ``1 - pearson(p, p) = 0`` for every ``p``, with zero gradient there.
     """
-    du, dv = u - u.mean(dim, keepdim=True), v - v.mean(dim, keepdim=True)
-    ss_u, ss_v = (du * du).sum(dim), (dv * dv).sum(dim)
-    flat = (ss_u == 0) | (ss_v == 0)
-    one = torch.ones_like(ss_u)
-    rho = (du * dv).sum(dim) / torch.where(flat, one, ss_u).sqrt() / torch.where(flat, one, ss_v).sqrt()
+    (un, flat_u), (vn, flat_v) = _centred_unit(u, dim), _centred_unit(v, dim)
+    rho = (un * vn).sum(dim)
     same = (u == v).all(dim).to(rho.dtype)
-    return torch.where(flat, same, rho)
+    return torch.where(flat_u | flat_v, same, rho)
+
+
+def _centred_unit(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``(x - mean x) / ||x - mean x||`` along ``dim``, and where ``x`` is constant.
+
+    Scaled by its largest entry first (the correlation does not change), so
+    that the squared norm is at least 1: tiny probabilities (1e-25) neither
+    underflow in the value nor overflow in the gradient. Constant slices are
+    divided by 1 instead of 0, so no 0 / 0 appears even in the branch the
+    caller discards (its gradient would be NaN, and NaN times 0 is NaN).
+    """
+    d = x - x.mean(dim, keepdim=True)
+    scale = d.abs().amax(dim, keepdim=True)
+    flat = scale == 0
+    one = torch.ones_like(scale)
+    d = d / torch.where(flat, one, scale)
+    norm = torch.where(flat, one, (d * d).sum(dim, keepdim=True)).sqrt()
+    return d / norm, flat.squeeze(dim)
 
 
 class PearsonDistance:

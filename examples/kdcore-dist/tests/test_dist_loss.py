@@ -90,3 +90,12 @@ def test_follows_the_logit_loss_conventions():
 @given(batch=extreme_batches())
 def test_finite_with_finite_gradients_on_extreme_inputs(batch):
     assert_finite_with_grads(kdcore.create("loss", "dist", temperature=4.0), *batch)
+
+
+def test_a_confident_teacher_keeps_the_teacher_gradient_finite():
+    """Tiny probabilities (about 1e-25) in a class column across the batch: their centred
+    squared norm would underflow in float32 without the rescaling in pearson()."""
+    inf = float("inf")
+    zs = torch.tensor([[0.0, 1.0, -inf], [1.0, 1.0, -inf]])
+    zt = torch.tensor([[230.0, 0.0, -inf], [230.0, 30.0, -inf]])
+    assert_finite_with_grads(kdcore.create("loss", "dist", temperature=4.0), zs, zt, torch.tensor([0, 0]))
