@@ -87,7 +87,7 @@ def time_once(fn, s, t, y, device, calls: int = 1) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x100,2048x32000")
+    ap.add_argument("--shapes", default="4096x100,1024x32000")
     ap.add_argument("--losses", default=",".join(PLAIN))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cpu")

@@ -8,6 +8,7 @@ underflow) contributes 0 to a sum ``p * (...)`` and no NaN to the gradient.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +208,119 @@ def decoupled_terms(teacher: Tensor, student: Tensor, target: Tensor,
     t_b, t_rho = split_target(teacher, target, temperature)
     s_b, s_rho = split_target(student, target, temperature)
     return tckd_divergence(t_b, s_b), nckd_divergence(t_rho, s_rho)
+
+
+class TargetSplit(NamedTuple):
+    """Per-row terms of the target / non-target decomposition (tand.txt sec. 2,
+    eq. 3-5, 7) between a teacher ``p = softmax(teacher / T)`` and a student
+    ``q = softmax(student / T)``, from :func:`target_split_terms`.
+
+    ``tckd = KL(b^t || b^s)`` on ``b = [p_t, 1 - p_t]``; ``nckd = KL(rho^t || rho^s)``
+    on the non-target distributions renormalised over the classes ``!= t``;
+    ``log_qt`` / ``log_pt`` the target log-probabilities at ``T``; ``entropy``
+    ``H(rho^t)`` (so ``CE(rho^t, rho^s) = nckd + entropy``, NKD's non-target term)
+    or ``None`` when not asked for. ``log_pt`` and ``entropy`` depend on the teacher only.
+    """
+
+    tckd: Tensor
+    nckd: Tensor
+    log_qt: Tensor
+    log_pt: Tensor
+    entropy: Tensor | None
+
+
+def _side(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log_rho, log_mass, delta)`` of scaled logits ``x`` (see :func:`split_target`);
+    ``log_rho`` is ``-inf`` at the target, and is a new tensor (``x`` is not changed)."""
+    x_t = x.gather(-1, idx)
+    log_rho = x.scatter(-1, idx, float("-inf"))
+    top = log_rho.amax(-1, keepdim=True)
+    log_rho.sub_(top.masked_fill(torch.isneginf(top), 0.0))  # one real column: nothing to shift
+    mass = log_rho.exp().sum(-1, keepdim=True)
+    log_mass = mass.clamp_(min=torch.finfo(mass.dtype).tiny).log_()
+    log_rho.sub_(log_mass)
+    delta = (top - x_t + log_mass).squeeze(-1)  # log((1 - p_t) / p_t)
+    return log_rho, log_mass, delta
+
+
+def _binary_kl(lp1: Tensor, lp0: Tensor, lq1: Tensor, lq0: Tensor) -> Tensor:
+    """``KL([p_t, 1 - p_t] || [q_t, 1 - q_t])`` from the four logs, 0-probability terms 0."""
+    p1, p0 = lp1.exp(), lp0.exp()
+    return torch.where(p1 == 0, 0.0, p1 * (lp1 - lq1)) + torch.where(p0 == 0, 0.0, p0 * (lp0 - lq0))
+
+
+class _TargetSplit(torch.autograd.Function):
+    """:func:`target_split_terms` for a teacher without gradients, fused: both
+    decompositions, TCKD, NCKD and ``log q_t`` in one pass over the classes,
+    with the student gradients written out (``x = z / T``, ``k != t``):
+
+    - ``d NCKD / d x_k = rho^s_k - rho^t_k``, ``d NCKD / d x_t = 0``;
+    - ``d TCKD / d x_k = (p_t - q_t) rho^s_k``, ``d TCKD / d x_t = q_t - p_t``;
+    - ``d log q_t / d x_k = -(1 - q_t) rho^s_k``, ``d log q_t / d x_t = 1 - q_t``.
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, target: Tensor, temperature: float, entropy: bool):
+        idx = target.unsqueeze(-1)
+        s_log_rho, _, s_delta = _side(scaled_logits(student, temperature), idx)
+        t_log_rho, _, t_delta = _side(scaled_logits(teacher, temperature), idx)
+        log_qt, log_q0 = -F.softplus(s_delta), -F.softplus(-s_delta)
+        log_pt, log_p0 = -F.softplus(t_delta), -F.softplus(-t_delta)
+        tckd = _binary_kl(log_pt, log_p0, log_qt, log_q0)
+        t_rho = t_log_rho.exp()
+        h = torch.special.entr(t_rho).sum(-1) if entropy else None
+        d = t_log_rho.sub_(s_log_rho).scatter_(-1, idx, 0.0)  # log rho^t - log rho^s, 0 at the target
+        nckd = _kl_terms_sum(t_rho, d, mask_all=False)
+        ctx.temperature, ctx.dtype = temperature, student.dtype
+        ctx.save_for_backward(s_log_rho, t_rho, log_qt, log_pt, idx)
+        ctx.mark_non_differentiable(log_pt, *(() if h is None else (h,)))
+        return tckd, nckd, log_qt, log_pt, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_tckd, g_nckd, g_logqt, _g_logpt, _g_h):
+        s_log_rho, t_rho, log_qt, log_pt, idx = ctx.saved_tensors
+        zero = torch.zeros_like(log_qt)
+        g_tc = zero if g_tckd is None else g_tckd
+        g_nc = zero if g_nckd is None else g_nckd
+        g_lq = zero if g_logqt is None else g_logqt
+        q_t, p_t = log_qt.exp(), log_pt.exp()
+        # coefficient of rho^s_k (k != t) and the target's own gradient, per row
+        coef = g_nc + g_tc * (p_t - q_t) - g_lq * (1 - q_t)
+        at_target = g_tc * (q_t - p_t) + g_lq * (1 - q_t)
+        grad = s_log_rho.exp().mul_(coef.unsqueeze(-1)).addcmul_(t_rho, g_nc.neg().unsqueeze(-1))
+        grad.scatter_(-1, idx, at_target.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def target_split_terms(student: Tensor, teacher: Tensor, target: Tensor, temperature: float = 1.0,
+                       entropy: bool = False) -> TargetSplit:
+    """TCKD, NCKD (both with KL) and the target log-probabilities per row, the
+    pieces of DKD, NKD, TAND and ABDKD's TCKD (tand.txt eq. 3-5, 7-9; see
+    :class:`TargetSplit`), from logits (or log-probabilities) ``[n, C]`` and
+    targets ``[n]``.
+
+    Where the teacher needs no gradient (the usual case) one fused autograd
+    function computes them with the student's gradients written out: about
+    half the passes of :func:`split_target` + :func:`kl_rows`. Otherwise
+    (a teacher that requires grad) they come from :func:`split_target` and
+    :func:`kl_rows`. Both paths keep the robustness of :func:`split_target`:
+    finite on ``-inf`` columns (0-probability terms are 0), on logits far
+    apart, and in float32 for float16 / bfloat16 inputs. Differentiable once.
+    """
+    t = float(temperature)
+    if not (teacher.requires_grad and torch.is_grad_enabled()):
+        return TargetSplit(*_TargetSplit.apply(student, teacher, target, t, bool(entropy)))
+    (t_b, t_rho), (s_b, s_rho) = split_target(teacher, target, t), split_target(student, target, t)
+    h = ce_rows(t_rho, t_rho) if entropy else None  # H(rho^t), gradient-safe where rho^t = 0
+    return TargetSplit(kl_rows(t_b, s_b), kl_rows(t_rho, s_rho), s_b[..., 0], t_b[..., 0], h)
+
+
+def is_kl(divergence: object) -> bool:
+    """Whether ``divergence`` is the built-in ``kl``: a loss may then use
+    :func:`target_split_terms` instead of the general decomposition."""
+    from kdcore.builtin.divergences import KL
+
+    return type(divergence) is KL

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import split_target
+from kdcore.functional import is_kl, split_target, target_split_terms
 from kdcore.losses import LogitLoss, Spec
 
 from kdcore_dkd.decoupled import decoupled_rows, part_divergences
@@ -42,6 +42,9 @@ class DKD(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
+        if is_kl(self.tckd_divergence) and is_kl(self.nckd_divergence):  # fused forward and backward
+            split = target_split_terms(student, teacher, target, t)
+            return t * t * (self.alpha * split.tckd + self.beta * split.nckd)
         parts_t = split_target(teacher, target, t)
         parts_s = split_target(student, target, t)
         return t * t * decoupled_rows(parts_t, parts_s, self.tckd_divergence, self.nckd_divergence,

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import split_target
+from kdcore.functional import is_kl, split_target, target_split_terms
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
 
-from kdcore_nkd.terms import nkd_rows
+from kdcore_nkd.terms import nkd_rows, split_nkd_rows
 
 
 class NKD(LogitLoss):
@@ -38,6 +38,9 @@ class NKD(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
+        if self.divergence is None or is_kl(self.divergence):  # fused forward and backward
+            split = target_split_terms(student, teacher, target, t, entropy=self.divergence is None)
+            return split_nkd_rows(teacher, student, target, split, t, self.gamma)
         split_t = split_target(teacher, target, t)
         split_s = split_target(student, target, t)
         return nkd_rows(teacher, student, target, split_t, split_s, t, self.gamma, self.divergence)

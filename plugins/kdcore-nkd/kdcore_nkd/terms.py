@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcore.functional import ce_rows
+from kdcore.functional import TargetSplit, ce_rows
 
 #: ``(log_b [n, 2], log_rho [n, C])`` as returned by ``kdcore.functional.split_target``
 Split = tuple[Tensor, Tensor]
@@ -63,3 +63,18 @@ def nkd_rows(teacher: Tensor, student: Tensor, target: Tensor, teacher_split: Sp
         log_pt, log_qt = target_log_prob(teacher, target), target_log_prob(student, target)
     nontarget = normalized_nontarget_term(teacher_split[1], student_split[1], divergence)
     return target_term(log_pt, log_qt) + (gamma * temperature * temperature) * nontarget
+
+
+def split_nkd_rows(teacher: Tensor, student: Tensor, target: Tensor, split: TargetSplit, temperature: float,
+                   gamma: float) -> Tensor:
+    """:func:`nkd_rows` from a :class:`kdcore.functional.TargetSplit` (fused forward and
+    backward): the non-target term is ``CE(rho^t, rho^s) = KL(rho^t || rho^s) + H(rho^t)``
+    where the split carries the entropy, else ``KL(rho^t || rho^s)`` (the ``kl`` divergence);
+    at T = 1 the target log-probabilities are read from the split."""
+    nontarget = split.nckd if split.entropy is None else split.nckd + split.entropy
+    if temperature == 1.0:
+        log_pt, log_qt = split.log_pt, split.log_qt
+    else:
+        log_pt, log_qt = target_log_prob(teacher, target), target_log_prob(student, target)
+    return target_term(log_pt, log_qt) + (gamma * temperature * temperature) * nontarget
+

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from kdcore import params
-from kdcore.functional import split_target
+from kdcore.functional import is_kl, split_target, target_split_terms
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
 from kdcore_dkd import decoupled_rows, part_divergences
-from kdcore_nkd import nkd_rows
+from kdcore_nkd import nkd_rows, split_nkd_rows
 
 
 class TAND(LogitLoss):
@@ -51,12 +51,22 @@ class TAND(LogitLoss):
 
     def rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
+        if is_kl(self.tckd_divergence) and is_kl(self.nckd_divergence) and (
+                self.nkd_divergence is None or is_kl(self.nkd_divergence)):
+            return self._fused_rows(student, teacher, target)
         split_t = split_target(teacher, target, t)
         split_s = split_target(student, target, t)
         nkd = nkd_rows(teacher, student, target, split_t, split_s, t, self.gamma, self.nkd_divergence)
         tad = decoupled_rows(split_t, split_s, self.tckd_divergence, self.nckd_divergence,
                              self.alpha, self.beta)
         return nkd + (t * t) * tad
+
+    def _fused_rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        """Every part from one :func:`kdcore.functional.target_split_terms` (fused forward and backward)."""
+        t = self.temperature
+        split = target_split_terms(student, teacher, target, t, entropy=self.nkd_divergence is None)
+        nkd = split_nkd_rows(teacher, student, target, split, t, self.gamma)
+        return nkd + (t * t) * (self.alpha * split.tckd + self.beta * split.nckd)
 
     def extra_repr(self) -> str:
         nkd = "cross_entropy" if self.nkd_divergence is None else repr(self.nkd_divergence)
