@@ -64,12 +64,30 @@ def render(name: str, kind: str) -> dict[str, str]:
             f"tests/test_{ident}.py": fill(kind_test)}
 
 
+def _check_free(ident: str, kind: str) -> None:
+    """Refuse a name the installed plugins already use: the new plugin would fail to load."""
+    import importlib.metadata as md
+
+    from kdcore.plugins import ENTRY_POINT_GROUP, default_registry
+
+    registry = default_registry()
+    if ident in registry.available(kind):
+        owner = registry.get(kind, ident).plugin
+        raise ConfigError(f"NAME: {kind} {ident!r} is registered already (by plugin {owner!r}); "
+                          "choose another NAME")
+    if ident == "builtin" or ident in {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}:
+        raise ConfigError(f"NAME: an installed plugin is named {ident!r} already; choose another NAME")
+
+
 def new_plugin(name: str, kind: str = "loss", out: str | os.PathLike = ".") -> Path:
     """Write plugin ``name`` of ``kind`` into ``out/kdcore-NAME`` and return that path.
 
-    :class:`ConfigError` for a bad name or kind, a missing ``out`` or an existing target.
+    :class:`ConfigError` for a bad name or kind, a name the installed plugins
+    use already (for a component of ``kind`` or as a plugin), a missing
+    ``out`` or an existing target.
     """
     files = render(name, kind)
+    _check_free(check_name(name), kind)
     parent = Path(out)
     if not parent.is_dir():
         raise ConfigError(f"--out: {parent} is not a directory")

@@ -94,6 +94,14 @@ def test_a_bad_name_exits_2_naming_the_rule(tmp_path, capsys, name):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("name", "kind", "says"), [("kd", "loss", "loss 'kd' is registered already"),
+                                                     ("vision", "dataset", "an installed plugin is named 'vision'")])
+def test_a_name_the_installed_plugins_use_exits_2(tmp_path, capsys, name, kind, says):
+    assert main(["new-plugin", name, "--kind", kind, "--out", str(tmp_path)]) == 2
+    assert says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_existing_directory_is_never_written_into(tmp_path, capsys):
     target = tmp_path / "kdcore-mine"
     target.mkdir()
