@@ -10,6 +10,17 @@ functions), using the *same* connector modules, in the same run, interleaved
 of the fastest and of the median runs (goal <= 1.05) and the difference of the values.
 
     .venv/bin/python benchmarks/bench_features.py [--losses fitnet,at,...] [--reps 7] [--threads N]
+
+With ``--step``: whole training steps on the real zoo models instead (resnet8x4
+student, resnet32x4 teacher, batch 64 of 32x32 inputs): a feature method's step
+(teacher forward under no_grad and student forward, both with the method's taps,
+``ce`` + the feature loss with its connectors, backward) against plain KD's step
+on the same models (the same forwards without taps, ``ce`` + ``kd`` at T = 4,
+backward), interleaved; the ratio feature / KD of the fastest and of the median
+steps, in process CPU time (one thread: less disturbed by other jobs on a shared
+machine than wall time). ``uskd`` has no teacher: its step runs the student only.
+
+    .venv/bin/python benchmarks/bench_features.py --step [--losses ...] [--reps 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
+from kdcore.engine.taps import Tapping
 
 N = 64
 STAGES = {"stages.0": (64, 32, 32), "stages.1": (128, 16, 16), "stages.2": (256, 8, 8)}
@@ -151,14 +163,69 @@ TAPS = {"fitnet": ["stages.1"], "at": list(STAGES), "sp": ["stages.2"], "pkt": [
         "reviewkd": [*STAGES, "stages.2"], "uskd": ["stages.1"]}
 
 
+def interleaved(run_a, run_b, reps: int, clock=time.perf_counter) -> tuple[list[float], list[float]]:
+    """``reps`` timed calls of each, alternating which goes first."""
+    a, b = [], []
+    for i in range(reps):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = clock()
+            (run_a if which == 0 else run_b)()
+            (a if which == 0 else b).append(clock() - start)
+    return a, b
+
+
+def step_main(args) -> int:
+    """Whole training steps: each feature method against plain KD (module docstring)."""
+    torch.manual_seed(0)
+    student = kdcore.create("backbone", "resnet8x4", num_classes=100)
+    teacher = kdcore.create("backbone", "resnet32x4", num_classes=100).eval().requires_grad_(False)
+    x, y, index = torch.randn(N, 3, 32, 32), torch.randint(100, (N,)), torch.randperm(50000)[:N]
+    ce, kd = kdcore.create("loss", "ce"), kdcore.create("loss", "kd", temperature=4.0)
+
+    def kd_step():
+        student.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            zt = teacher(x)
+        zs = student(x)
+        (ce(zs, None, y) + kd(zs, zt)).backward()
+
+    print(f"training step, resnet32x4 -> resnet8x4, batch {N}, {torch.get_num_threads()} threads, "
+          f"{args.reps} interleaved steps each")
+    print(f"{'method':11} {'method cpu ms':>14} {'kd cpu ms':>10} {'ratio':>6} {'median':>7}")
+    for name in args.losses.split(","):
+        loss = kdcore.create("loss", name, **({"num_data": 50000} if name == "crd" else {}))
+        loss.bind(student, teacher if loss.uses_teacher else None)
+
+        def feature_step():
+            student.zero_grad(set_to_none=True)
+            loss.zero_grad(set_to_none=True)
+            to = None
+            if loss.uses_teacher:
+                with torch.no_grad(), Tapping(teacher, loss.teacher_taps) as ft:
+                    to = kdcore.Outputs(teacher(x), features=ft, index=index)
+            with Tapping(student, loss.student_taps) as fs:
+                zs = student(x)
+            (ce(zs, None, y) + loss(kdcore.Outputs(zs, features=fs, index=index), to, y)).backward()
+
+        feature_step()  # materialise the connectors
+        kd_step()
+        a, b = interleaved(feature_step, kd_step, args.reps, time.process_time)
+        print(f"{name:11} {min(a) * 1e3:14.1f} {min(b) * 1e3:10.1f} {min(a) / min(b):6.2f} "
+              f"{statistics.median(a) / statistics.median(b):7.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--losses", default=",".join(PLAIN))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--step", action="store_true", help="whole training steps against plain KD's")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.step:
+        return step_main(args)
     torch.manual_seed(0)
     ft = {k: torch.randn(N, *v).relu() for k, v in STAGES.items()}
     base = {k: torch.randn(N, *v).relu() for k, v in STAGES.items()}
@@ -199,12 +266,7 @@ def main(argv=None) -> int:
         L.load_state_dict(snapshot)
         torch.manual_seed(1)
         b_val = run_plain().item()
-        a, b = [], []
-        for i in range(args.reps):
-            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                (run_kdcore if which == 0 else run_plain)()
-                (a if which == 0 else b).append(time.perf_counter() - start)
+        a, b = interleaved(run_kdcore, run_plain, args.reps)
         ratio, med = min(a) / min(b), statistics.median(a) / statistics.median(b)
         print(f"{name:11} {min(a) * 1e3:10.2f} {min(b) * 1e3:10.2f} {ratio:6.2f} {med:7.2f} "
               f"{abs(a_val - b_val):9.2e}")

@@ -322,6 +322,16 @@ class CRD(FeatureLoss):
         self.register_buffer("memory_teacher", torch.rand(self.num_data, self.embed_dim) * (2 * stdv) - stdv)
         self.register_buffer("normaliser", torch.full((2,), -1.0))
 
+    def _scores(self, bank: Tensor, v: Tensor, rows: Tensor) -> Tensor:
+        """``[N, K + 1]`` dot products ``bank[rows[i, j]] . v[i]``. Where the bank has at most
+        4 rows per sampled one, all ``bank @ v^T`` (one matrix product) and a gather of the
+        sampled entries cost less than gathering ``N (K + 1)`` bank rows (memory-bound);
+        else the rows are gathered. The same values up to rounding, and the same gradient."""
+        if bank.shape[0] <= 4 * rows.shape[1]:  # a copy: the bank moves before the backward pass
+            return (bank.to(v.dtype, copy=True) @ v.t()).t().gather(1, rows)
+        bank = bank.to(v.dtype)
+        return torch.bmm(bank[rows], v[:, :, None]).squeeze(2)
+
     def _nce(self, h: Tensor) -> Tensor:
         k = h.shape[1] - 1
         noise = k / self.num_data
@@ -346,10 +356,8 @@ class CRD(FeatureLoss):
         vt = F.normalize(self.embed_teacher(t.to(s.dtype)), dim=1)
         n = vs.shape[0]
         rows = torch.cat([index[:, None], torch.randint(self.num_data, (n, self.num_negatives), device=s.device)], 1)
-        bank_t = self.memory_teacher.to(vs.dtype)[rows]  # [N, K + 1, D]
-        bank_s = self.memory_student.to(vs.dtype)[rows]
-        hs = torch.exp(torch.bmm(bank_t, vs[:, :, None]).squeeze(2) / self.temperature)
-        ht = torch.exp(torch.bmm(bank_s, vt[:, :, None]).squeeze(2) / self.temperature)
+        hs = torch.exp(self._scores(self.memory_teacher, vs, rows) / self.temperature)
+        ht = torch.exp(self._scores(self.memory_student, vt, rows) / self.temperature)
         update = self.training and torch.is_grad_enabled()
         z = self.normaliser.clone()
         with torch.no_grad():

@@ -468,3 +468,21 @@ def test_tap_pairs_must_agree_and_bad_paths_are_config_errors():
         kdcore.create("loss", "at", student_layers=[])
     with pytest.raises(ValueError, match=r"sp: student feature 'q'"):
         SP("q", "x")(outs({"a": rand(2, 3)}), outs({"x": rand(2, 3)}))
+
+
+@pytest.mark.parametrize("negatives", [7, 11])  # 40 bank rows: gathered rows for 8 per sample, bank @ v^T for 12
+def test_crd_scores_both_ways_match_the_definition(negatives):
+    loss = kdcore.create("loss", "crd", student_layers="s", teacher_layers="t", num_data=40,
+                         num_negatives=negatives)
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.randint(40, (4, negatives + 1), generator=g)
+    rows[0, :3] = 2  # repeated rows
+    weights = torch.randn(4, negatives + 1, generator=g, dtype=torch.float64)
+    got = loss._scores(bank, v, rows)
+    (grad,) = torch.autograd.grad((got * weights).sum(), v)
+    ref = (bank[rows] * v.detach()[:, None, :]).sum(-1)  # bank[rows[i, j]] . v[i]
+    ref_grad = (weights[:, :, None] * bank[rows]).sum(1)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
