@@ -10,6 +10,7 @@ logit losses receive it too and, with ``chunk_size`` set and ``hidden`` and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor
 Head = Callable[[Tensor], Tensor]
 
 
+@dataclasses.dataclass(init=False, repr=False, eq=False)
 class Outputs:
     """A model's outputs for one batch.
 
@@ -29,9 +31,18 @@ class Outputs:
       soft-capping or logit scale (or None);
     - ``index``: the dataset indices of the batch's samples ``[N]`` (set by the
       engine; memory banks and teacher stores key on them), or None.
+
+    It is a dataclass so that wrappers which look for the tensors in a module's
+    output find them: FSDP2 hooks each gradient-carrying field (logits, hidden
+    state, features) to gather the sharded parameters again for the backward.
     """
 
     __slots__ = ("_logits", "features", "hidden", "head", "index")
+    _logits: Tensor | None
+    features: dict[str, Any]
+    hidden: Tensor | None
+    head: Head | None
+    index: Tensor | None
 
     def __init__(self, logits: Tensor | None = None, *, features: Mapping[str, Any] | None = None,
                  hidden: Tensor | None = None, head: Head | None = None, index: Tensor | None = None):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -120,6 +121,26 @@ def test_clip_grad_norm_bounds_the_update(teacher):
 def test_max_steps_stops_the_run(tmp_path, teacher):
     summary = kdcore.train(_student(teacher, epochs=5, max_steps=20), tmp_path, quiet=True)
     assert summary["steps"] == 20 and summary["epochs"] == 2 and summary["final"]["step"] == 20
+
+
+def test_a_run_stopped_by_max_steps_resumes_with_more_steps_exactly(tmp_path, teacher):
+    """max_steps ends a run mid-epoch: its last.pt keeps the place (batch, running
+    means, RNG) so that --resume with a larger max_steps ends bitwise where a run
+    that never stopped ends, and the resumed epoch is reported once."""
+    kdcore.train(_student(teacher, epochs=3, max_steps=20), tmp_path / "full", quiet=True)
+    kdcore.train(_student(teacher, epochs=3, max_steps=13), tmp_path / "two", quiet=True)
+    stopped = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    assert stopped["step"] == 13 and stopped["batch_in_epoch"] > 0
+    kdcore.train(_student(teacher, epochs=3, max_steps=13), tmp_path / "two", ["run.max_steps=20"],
+                 resume=True, quiet=True)
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("full", "two"))
+    assert a["step"] == b["step"] == 20
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    def epochs(d):
+        return [json.loads(line)["epoch"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+
+    assert epochs("two") == epochs("full") == sorted(set(epochs("full")))
 
 
 # -- non-finite losses ----------------------------------------------------------------------------

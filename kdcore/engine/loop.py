@@ -111,8 +111,8 @@ def fit(trainer, resume: bool = False, state: dict[str, Any] | None = None) -> d
     if main and out is not None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.toml", cfg.dumps(trainer.config))
-        if resume:
-            metrics.truncate_after(trainer.step)
+        if resume:  # an epoch resumed mid-way is evaluated again at its end
+            metrics.truncate_after(trainer.step - 1 if trainer.batch_in_epoch else trainer.step)
             steps_log.truncate_after(trainer.step)
         else:
             for f in (metrics.path, steps_log.path):
@@ -123,8 +123,10 @@ def fit(trainer, resume: bool = False, state: dict[str, Any] | None = None) -> d
     try:
         while not _done(trainer):
             trainer.epoch += 1
-            last_record = _run_epoch(trainer, metrics, steps_log, tb) or last_record
-            _save_last(trainer)
+            record, complete = _run_epoch(trainer, metrics, steps_log, tb)
+            last_record = record or last_record
+            if complete:  # (a run stopped mid-epoch by max_steps saved its place already)
+                _save_last(trainer)
         summary = _summary(trainer, last_record, time.perf_counter() - started)
         if main and out is not None:
             atomic_write(out / "summary.json", dumps_record(summary, indent=2) + "\n")
@@ -134,7 +136,11 @@ def fit(trainer, resume: bool = False, state: dict[str, Any] | None = None) -> d
     return summary
 
 
-def _run_epoch(trainer, metrics, steps_log, tb) -> dict[str, Any] | None:
+def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, bool]:
+    """One epoch (or its rest, after a mid-epoch resume); returns its evaluation record
+    (None when not evaluated) and whether the epoch ran to its end (not stopped by
+    ``run.max_steps``, which saves ``last.pt`` where it stopped, so that ``--resume``
+    with more steps continues exactly)."""
     run, main = trainer.config.run, trainer.dist.is_main
     trainer.student.train()
     skip = trainer.batch_in_epoch
@@ -168,12 +174,15 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> dict[str, Any] | None:
                 and trainer.batch_in_epoch < len(trainer.batches):
             _save_last(trainer)
     trainer.guard.check()
+    complete = trainer.batch_in_epoch >= len(trainer.batches)
+    if not complete:  # stopped by max_steps: save the place before the evaluation
+        _save_last(trainer)
     trainer.batch_in_epoch, trainer.aux_consumed, trainer.meter = 0, 0, None
     if bar is not None:
         bar.close()
     means = meter.means(trainer.dist.mean)  # every rank takes part in the reduction
     if trainer.epoch % run.eval_every and not _done(trainer):
-        return None
+        return None, complete
     record: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, **means,
                               **{f"weight/{k}": w for k, w in trainer.objective.weights(trainer.progress()).items()},
                               "lr": trainer.optimizer.param_groups[0]["lr"]}
@@ -195,7 +204,7 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> dict[str, Any] | None:
         shown = "  ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in record.items()
                           if k.startswith("loss/") or k.startswith("val_"))
         _say(trainer, f"epoch {trainer.epoch}/{run.epochs}  {shown}  ({record['epoch_time_s']:.1f}s)")
-    return record
+    return record, complete
 
 
 def _summary(trainer, last_record, elapsed) -> dict[str, Any]:

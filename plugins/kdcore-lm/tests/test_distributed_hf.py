@@ -72,8 +72,6 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, teacher):
     _assert_same(_last(tmp_path / "one"), _last(tmp_path / "two"))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: under run.strategy = 'fsdp' on 2 gloo ranks the hf student "
-                   "does not train (last.pt holds its initial weights; the mlp trains, tests/test_long_runs.py)")
 def test_fsdp_two_ranks_train_and_resume_exactly(tmp_path, teacher):
     full, first = tmp_path / "full.toml", tmp_path / "first.toml"
     full.write_text(tomli_w.dumps(_student(teacher, "fsdp", max_steps=4)))
