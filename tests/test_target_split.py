@@ -79,7 +79,7 @@ def test_padded_columns_one_real_column_and_far_apart_logits_stay_finite():
     split = target_split_terms(s, t, y, 1.0, entropy=True)
     for v in (split.tckd, split.nckd, split.entropy):
         assert torch.isfinite(v).all()
-    assert float(split.nckd[0]) == pytest.approx(math.log1p(math.exp(5.0)), rel=1e-5)  # rho^t = [1, 0, 0]
+    assert split.nckd[0].item() == pytest.approx(math.log1p(math.exp(5.0)), rel=1e-5)  # rho^t = [1, 0, 0]
     assert split.nckd[1] == 0 and split.tckd[1] == 0  # one real column: nothing to distil
     (split.tckd + split.nckd + split.log_qt).sum().backward()
     assert torch.isfinite(s.grad).all() and (s.grad[:, -1] == 0).all()
