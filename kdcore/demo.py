@@ -99,9 +99,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def seed_rows(method: str, group: str | None, summaries: Sequence[dict[str, Any]],
               keys: dict[str, str]) -> Row:
-    """A table row from the runs' summaries: ``keys`` maps a column to its summary key."""
+    """A table row from the runs' summaries: ``keys`` maps a column to its summary key
+    (``(None, None)``, shown as ``-``, where a run does not report it: e.g. the
+    agreement with a teacher of a run without one)."""
     return {"method": method, "group": group,
-            **{col: mean_std([s[key] for s in summaries]) for col, key in keys.items()}}
+            **{col: mean_std([s[key] for s in summaries]) if all(key in s for s in summaries) else (None, None)
+               for col, key in keys.items()}}
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, teacher_epochs: int | None = None,
@@ -296,6 +299,7 @@ def format_table(rows: Sequence[Row], columns: Sequence[tuple[str, str]], seeds:
         if r.get("group") is not None and r.get("group") != group:
             group = r["group"]
             lines.append(f"{group}:")
-        cells = "  ".join(f"{r[k][0]:8.4f} ± {r[k][1]:.4f}" for k, _ in columns)
+        cells = "  ".join(f"{'-':>17}" if r[k][0] is None else f"{r[k][0]:8.4f} ± {r[k][1]:.4f}"
+                          for k, _ in columns)
         lines.append(f"{r['method']:<{width}}  {cells}")
     return "\n".join(lines)

@@ -170,3 +170,30 @@ def test_compile_wraps_student_and_teacher(tmp_path, teacher_ckpt, monkeypatch):
     assert compiled == [trainer.student, trainer.teacher]
     x, y = trainer.data.train.inputs[:8], trainer.data.train.targets[:8]
     trainer.train_step(Batch.of(x, y))
+
+
+def test_evaluate_reports_nll_and_the_teachers_agreement(tmp_path):
+    """evaluate: mean NLL over the split against a float64 reference, and with
+    agreement=True the share of samples where student and teacher agree on top-1."""
+    import torch
+
+    import kdcore
+    from kdcore.engine import build_trainer
+
+    conf = {"run": {"seed": 0, "epochs": 1, "batch_size": 64, "progress": "off"},
+            "data": {"name": "gaussian_mixture", "n": 600}, "student": {"backbone": "mlp"},
+            "optim": {"name": "sgd", "lr": 0.05}, "loss": [{"name": "ce"}]}
+    kdcore.train(conf, tmp_path / "t", quiet=True)
+    conf = {**conf, "teacher": {"backbone": "mlp", "checkpoint": str(tmp_path / "t/checkpoints/best.pt")},
+            "loss": [{"name": "ce"}, {"name": "kd"}]}
+    trainer = build_trainer(conf, None, quiet=True)
+    test = trainer.data.test
+    got = trainer.evaluate(test, "test", agreement=True)
+    x, y = test.inputs, test.targets
+    with torch.no_grad():
+        trainer.student.eval(), trainer.teacher.eval()
+        s, t = trainer.student(x).double(), trainer.teacher(x).double()
+    nll = -torch.log_softmax(s, -1).gather(-1, y.unsqueeze(-1)).mean()
+    assert abs(got["test_nll"] - float(nll)) < 1e-5
+    assert got["test_agreement"] == float((s.argmax(-1) == t.argmax(-1)).double().mean())
+    assert "test_ppl" not in got and "test_agreement" not in trainer.evaluate(test, "test")

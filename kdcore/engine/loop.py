@@ -216,7 +216,7 @@ def _summary(trainer, last_record, elapsed) -> dict[str, Any]:
     report, split = ("test", data.test) if data.test is not None else ("val", data.val)
     summary["report_split"] = report if split is not None else None
     if split is not None:
-        summary.update(trainer.evaluate(split, report))
+        summary.update(trainer.evaluate(split, report, agreement=True))
         if trainer.teacher is not None:
             summary.update({f"teacher_{k}": v for k, v in trainer.evaluate(split, report, trainer.teacher).items()})
     if trainer.term_params:

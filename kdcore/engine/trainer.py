@@ -382,25 +382,38 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split, prefix: str, model: nn.Module | None = None) -> dict[str, float]:
-        """Accuracy over kept positions (token-level for sequences), and the distance
-        to the Bayes posterior where the data know it."""
+    def evaluate(self, split, prefix: str, model: nn.Module | None = None, *,
+                 agreement: bool = False) -> dict[str, float]:
+        """Accuracy and mean negative log-likelihood over kept positions (token-level for
+        sequences, with the perplexity ``exp(nll)``), the distances to the Bayes posterior
+        where the data know it, and with ``agreement`` the top-1 agreement with the teacher."""
         if split is None:
             return {}
         model = model or self.student
+        agreement = agreement and self.teacher is not None and model is not self.teacher
         was_training = model.training
         model.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # correct, n, tv, l2, kl
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)  # correct, n, tv, l2, kl, nll, agree
         has_post = getattr(split, "posterior", None) is not None
+        sequences = False
         for batch, post in eval_batches(split, self.config.run.eval_batch_size, self.device,
                                         self.dist.rank, self.dist.world, self.config.run.num_workers):
             with self.autocast():
                 logits = step.forward(model, self._inputs(batch.inputs), model, (), batch.index).logits
+                if agreement:
+                    taught = step.forward(self.teacher, self._inputs(batch.inputs), self.teacher, (),
+                                          batch.index).logits
             keep = batch.target != IGNORE_INDEX
-            sums[0] += ((logits.argmax(-1) == batch.target) & keep).sum()
+            sequences = batch.target.dim() > 1
+            top = logits.argmax(-1)
+            sums[0] += ((top == batch.target) & keep).sum()
             sums[1] += keep.sum()
+            logq = torch.log_softmax(logits.float(), -1)
+            picked = logq.gather(-1, batch.target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            sums[5] -= torch.where(keep, picked, 0.0).sum()
+            if agreement:
+                sums[6] += ((taught.argmax(-1) == top) & keep).sum()
             if post is not None:  # distances to the true distribution over the kept positions
-                logq = torch.log_softmax(logits.float(), -1)
                 diff = logq.exp() - post
                 kl = torch.where(post > 0, post * (post.clamp(min=1e-30).log() - logq), 0.0).sum(-1)
                 sums[2] += torch.where(keep, 0.5 * diff.abs().sum(-1), 0.0).sum()
@@ -409,7 +422,11 @@ class Trainer:
         model.train(was_training)
         self.dist.sum_(sums)
         n = max(sums[1].item(), 1)
-        out = {f"{prefix}_acc": sums[0].item() / n}
+        out = {f"{prefix}_acc": sums[0].item() / n, f"{prefix}_nll": sums[5].item() / n}
+        if sequences:
+            out[f"{prefix}_ppl"] = math.exp(min(out[f"{prefix}_nll"], 700.0))
+        if agreement:
+            out[f"{prefix}_agreement"] = sums[6].item() / n
         if has_post:
             out[f"{prefix}_tv"] = sums[2].item() / n
             out[f"{prefix}_l2"] = sums[3].item() / n

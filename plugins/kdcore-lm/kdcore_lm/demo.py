@@ -2,14 +2,16 @@
 
 A teacher (a tiny Llama-style ``hf`` model) learns the HMM language from every
 training sequence; students (a smaller one) see only the first few sequences,
-with ``ce`` alone and with ``ce`` plus ``kd`` under several divergences (``kl``,
-``rkl``, and ``jsd`` / ``tvd`` where kdcore-divergences is installed), each for
-several seeds. The table (kdcore's shared demo presentation,
-:func:`kdcore.demo.present`) is sorted by the mean per-token KL from the truth
-``KL(p* || q)``, with mean and spread over seeds of it, of the TV to the truth
-and of the top-1 accuracy, the truth and the teacher as reference rows, one
-verdict line and ``demo.png``. Every number comes from the runs'
-``summary.json`` (``test_kl``, ``test_tv``, ``test_acc``).
+with ``ce`` alone and with ``ce`` plus a fused ``kd`` (``chunk_size``) under
+several divergences (``kl``, ``rkl``; ``jsd``, ``skew_kl``, ``tvd`` where
+kdcore-divergences is installed; ABKD's ``ab`` at alpha 0.2, beta 0.7 where
+kdcore-abkd is), each for several seeds. The table (kdcore's shared demo
+presentation, :func:`kdcore.demo.present`) is sorted by the mean per-token KL
+from the truth ``KL(p* || q)``, with mean and spread over seeds of it, of the
+perplexity, of the top-1 agreement with the teacher and of the top-1 accuracy,
+the truth and the teacher as reference rows, one verdict line and ``demo.png``.
+Every number comes from the runs' ``summary.json`` (``test_kl``, ``test_ppl``,
+``test_agreement``, ``test_acc``).
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ STUDENT: dict[str, Any] = {
     "optim": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.0}, "loss": [{"name": "ce"}],
 }
 #: (row label, the kd term's divergence); rows whose divergence is not installed are skipped
-METHODS = (("ce + kd", "kl"), ("ce + kd (rkl)", "rkl"), ("ce + kd (jsd)", "jsd"), ("ce + kd (tvd)", "tvd"))
-COLUMNS = (("kl", "KL to truth"), ("tv", "TV to truth"), ("acc", "top-1 acc"))
-KEYS = {"kl": "test_kl", "tv": "test_tv", "acc": "test_acc"}
+METHODS = (("ce + kd", "kl"), ("ce + kd (rkl)", "rkl"), ("ce + kd (jsd)", "jsd"),
+           ("ce + kd (skew_kl)", "skew_kl"), ("ce + kd (tvd)", "tvd"),
+           ("ce + kd (ab 0.2, 0.7)", {"name": "ab", "alpha": 0.2, "beta": 0.7}))
+#: rows of the kd terms per chunk: the fused projection (the hf backbone returns hidden and head)
+CHUNK = 128
+COLUMNS = (("kl", "KL to truth"), ("ppl", "perplexity"), ("agree", "agreement"), ("acc", "top-1 acc"))
+KEYS = {"kl": "test_kl", "ppl": "test_ppl", "agree": "test_agreement", "acc": "test_acc"}
 
 
 def run_demo(out_dir: str | Path = "runs/demo-lm", *, teacher_epochs: int | None = None,
@@ -63,8 +69,9 @@ def run_demo(out_dir: str | Path = "runs/demo-lm", *, teacher_epochs: int | None
     divergences = set(kdcore.available("divergence"))
     rows, taught = [], []
     for label, div in (("ce", None),) + METHODS:
-        if div is not None and div not in divergences:
-            say(f"[demo lm] skipping {label}: divergence {div!r} is not installed (kdcore-divergences)")
+        name = div["name"] if isinstance(div, dict) else div
+        if name is not None and name not in divergences:
+            say(f"[demo lm] skipping {label}: divergence {name!r} is not installed")
             continue
         say(f"[demo lm] students on {FEW} sequences with {label}, seeds {', '.join(map(str, seeds))}")
         summaries = []
@@ -75,16 +82,18 @@ def run_demo(out_dir: str | Path = "runs/demo-lm", *, teacher_epochs: int | None
                 conf["run"]["epochs"] = student_epochs
             if div is not None:
                 conf["teacher"] = {"backbone": "hf", "config": dict(TEACHER_MODEL), "checkpoint": ckpt}
-                conf["loss"].append({"name": "kd", "divergence": div})
-            summaries.append(kdcore.train(conf, out / f"student-{div or 'ce'}-s{seed}", quiet=True))
+                conf["loss"].append({"name": "kd", "divergence": div, "chunk_size": CHUNK})
+            summaries.append(kdcore.train(conf, out / f"student-{name or 'ce'}-s{seed}", quiet=True))
         taught += summaries if div is not None else []
         rows.append(seed_rows(label, None, summaries, KEYS))
     rows = sort_groups(rows, "kl")
-    references = [{"method": "truth", "group": None, "kl": (0.0, 0.0), "tv": (0.0, 0.0),
-                   "acc": (_truth_accuracy(data), 0.0)}]
+    truth_acc, truth_ppl = _truth_scores(data)
+    references = [{"method": "truth", "group": None, "kl": (0.0, 0.0), "ppl": (truth_ppl, 0.0),
+                   "agree": (None, None), "acc": (truth_acc, 0.0)}]
     if taught:  # the teacher the students learnt from (best.pt), as their runs evaluated it
-        references.append({"method": "teacher", "group": None,
-                           **{col: (taught[0][f"teacher_{key}"], 0.0) for col, key in KEYS.items()}})
+        references.append({"method": "teacher", "group": None, "agree": (1.0, 0.0),
+                           **{col: (taught[0][f"teacher_{key}"], 0.0) for col, key in KEYS.items()
+                              if col != "agree"}})
     baseline = next(r for r in rows if r["method"] == "ce")
     present(references + rows, COLUMNS, "kl", len(seeds), out, [verdict(rows, baseline, "kl", "the true law")],
             title=f"students on {FEW} sequences; teacher on {round(data['n'] * data['split'][0])}",
@@ -92,10 +101,15 @@ def run_demo(out_dir: str | Path = "runs/demo-lm", *, teacher_epochs: int | None
     return references + rows
 
 
-def _truth_accuracy(data: dict[str, Any]) -> float:
-    """Top-1 accuracy of the true next-token law on the test split."""
+def _truth_scores(data: dict[str, Any]) -> tuple[float, float]:
+    """Top-1 accuracy and perplexity of the true next-token law on the test split (kept positions)."""
+    import math
+
     import kdcore
 
     splits = kdcore.create("dataset", "synthetic_lm", **{k: v for k, v in data.items() if k != "name"})
     test = splits.test if splits.test is not None else splits.val
-    return float((test.posterior.argmax(-1) == test.targets).float().mean())
+    keep = test.targets != -100
+    post, target = test.posterior[keep], test.targets[keep]
+    nll = -post.gather(-1, target.unsqueeze(-1)).clamp(min=1e-30).log().mean()
+    return float((post.argmax(-1) == target).float().mean()), math.exp(float(nll))

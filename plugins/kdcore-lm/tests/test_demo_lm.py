@@ -4,7 +4,9 @@ the runs' summaries, sorted by the KL from the truth, with the truth and the tea
 from __future__ import annotations
 
 import json
+import math
 
+import kdcore
 from kdcore.demo import find_demo
 from kdcore.plugins import default_registry
 from kdcore_lm import demo
@@ -28,6 +30,14 @@ def test_demo_lm_runs_at_a_reduced_size(tmp_path, capsys):
     line = next(line for line in out.splitlines() if line.split("  ")[0] == "ce + kd")
     assert f"{sum(kls) / 2:8.4f}" in line
     assert "than ce alone" in out and "(mean ± std over 2 seeds)" in out
+    runs = [json.loads((tmp_path / f"student-kl-s{s}" / "summary.json").read_text()) for s in (1, 2)]
+    for col, key in (("ppl", "test_ppl"), ("agree", "test_agreement")):
+        assert abs(kd[col][0] - sum(r[key] for r in runs) / 2) < 1e-12
+    assert all(abs(r["test_ppl"] - math.exp(r["test_nll"])) < 1e-9 * r["test_ppl"] for r in runs)
+    ce = next(r for r in rows if r["method"] == "ce")
+    assert ce["agree"] == (None, None) and ce["ppl"][0] > 1.0  # a run without a teacher has no agreement
+    if "ab" in kdcore.available("divergence"):
+        assert "ce + kd (ab 0.2, 0.7)" in methods
 
 
 def test_synthetic_lm_train_size_keeps_the_first_training_sequences():
