@@ -17,7 +17,7 @@ steps of every variant in this process, interleaved with the order
 alternating; medians, and the ratio to the dense step of the same divergence.
 
     .venv/bin/python benchmarks/bench_lm.py [--vocab 32000] [--hidden 64] [--seq 128] [--batch 8]
-        [--chunk 1024] [--divergences kl,jsd] [--repeats 3] [--threads 1]
+        [--chunk 128] [--divergences kl,jsd] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--divergences", default="kl,jsd")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
