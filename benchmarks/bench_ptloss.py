@@ -1,4 +1,4 @@
-"""Benchmark of the PTLoss coefficient search (ptloss.txt alg. 1, appendix A.4).
+"""Benchmark of the PTLoss coefficient search (PTLoss paper alg. 1, appendix A.4).
 
 The paper's setting: 5 orders x 100 draws scored on 1000 validation samples of
 the 3-class synthetic Gaussian mixture (appendix A.5); the paper reports

@@ -1,4 +1,4 @@
-"""Loss-weight dynamics of kdcore runs (cf. fig. 3 of cross-batch-weighting.txt).
+"""Loss-weight dynamics of kdcore runs (cf. fig. 3 of cross-batch weighting paper).
 
 Reads each run directory's ``metrics.jsonl`` and draws, per run, the
 effective weight of every loss term per epoch: its time weight

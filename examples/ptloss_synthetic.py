@@ -1,4 +1,4 @@
-"""The synthetic experiment of PTLoss (ptloss.txt sec. 5.1, appendix A.5).
+"""The synthetic experiment of PTLoss (PTLoss paper sec. 5.1, appendix A.5).
 
 For each seed: train the teacher (examples/ptloss_teacher.toml) on its own
 5000 samples, search 3rd-order PTLoss coefficients on its outputs on the
@@ -115,7 +115,7 @@ def main() -> None:
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     results = [run_seed(seed, Path(args.out) / f"seed{seed}", say) for seed in args.seeds]
-    print(f"\nPTLoss synthetic experiment (ptloss.txt sec. 5.1), seeds {args.seeds}, "
+    print(f"\nPTLoss synthetic experiment (PTLoss paper sec. 5.1), seeds {args.seeds}, "
           f"{time.perf_counter() - start:.0f} s\n")
     print("| supervision | L2(target, p*) on train | student test acc | student L2(q, p*) on test |")
     print("| --- | --- | --- | --- |")

@@ -4,7 +4,7 @@ Trains the demo teacher (an MLP on ``gaussian_mixture``), then a small student
 with ``ce + kd`` (T = 4) under each weighting, over several seeds:
 
 * fixed weights 1 + 1;
-* ``distill_decay`` (cross-batch-weighting.txt sec. 3.3): CE 0.1 -> 1 and KD
+* ``distill_decay`` (cross-batch weighting paper sec. 3.3): CE 0.1 -> 1 and KD
   0.9 -> 0 by the midpoint, then a KD regulariser with beta = 0.1;
 * ``crossbatch`` in ``mode="paper"`` and ``mode="align"`` (c = 0.5);
 * ``mgda`` and ``pcgrad``.

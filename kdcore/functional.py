@@ -149,7 +149,7 @@ def ce_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
 
 
 def split_target(logits: Tensor, target: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Decompose ``softmax(logits / T)`` around the target class (tand.txt sec. 2).
+    """Decompose ``softmax(logits / T)`` around the target class (TAND paper sec. 2).
 
     ``logits`` may be logits or log-probabilities (rows are normalised here).
     Returns ``(log_b, log_rho)``: ``log_b = [log p_t, log(1 - p_t)]`` (shape
@@ -199,19 +199,19 @@ def flatten_rows(student: Tensor, teacher: Tensor | None, target: Tensor | None
 
 def decoupled_terms(teacher: Tensor, student: Tensor, target: Tensor,
                     tckd_divergence, nckd_divergence, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-row ``(TCKD, NCKD)`` of Decoupled KD (Zhao et al. 2022; tand.txt eq. 3-5)
+    """Per-row ``(TCKD, NCKD)`` of Decoupled KD (Zhao et al. 2022; TAND paper eq. 3-5)
     between ``softmax(teacher / T)`` and ``softmax(student / T)`` (logits or
     log-probabilities): ``TCKD = D_t(b^t || b^s)`` on the binary target-vs-rest
     distributions and ``NCKD = D_n(rho^t || rho^s)`` on the renormalised
     non-target distributions. With D = KL, ``KL(p || q) = TCKD + (1 - p_t) * NCKD``
-    (tand.txt thm 2.1)."""
+    (TAND paper thm 2.1)."""
     t_b, t_rho = split_target(teacher, target, temperature)
     s_b, s_rho = split_target(student, target, temperature)
     return tckd_divergence(t_b, s_b), nckd_divergence(t_rho, s_rho)
 
 
 class TargetSplit(NamedTuple):
-    """Per-row terms of the target / non-target decomposition (tand.txt sec. 2,
+    """Per-row terms of the target / non-target decomposition (TAND paper sec. 2,
     eq. 3-5, 7) between a teacher ``p = softmax(teacher / T)`` and a student
     ``q = softmax(student / T)``, from :func:`target_split_terms`.
 
@@ -298,7 +298,7 @@ class _TargetSplit(torch.autograd.Function):
 def target_split_terms(student: Tensor, teacher: Tensor, target: Tensor, temperature: float = 1.0,
                        entropy: bool = False) -> TargetSplit:
     """TCKD, NCKD (both with KL) and the target log-probabilities per row, the
-    pieces of DKD, NKD, TAND and ABDKD's TCKD (tand.txt eq. 3-5, 7-9; see
+    pieces of DKD, NKD, TAND and ABDKD's TCKD (TAND paper eq. 3-5, 7-9; see
     :class:`TargetSplit`), from logits (or log-probabilities) ``[n, C]`` and
     targets ``[n]``.
 

@@ -1,5 +1,5 @@
 """``kdcore.functional.target_split_terms`` (fused target / non-target split) against a
-plain float64 reference written from tand.txt eq. 3-5 and 7, and its general path."""
+plain float64 reference written from TAND paper eq. 3-5 and 7, and its general path."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from kdcore.errors import ConfigError
 
 class MLP(nn.Module):
     """``mlp``: ``in_features -> hidden[0] -> ... -> num_classes`` with ReLU
-    (the 2-layer, 128-unit MLP of ptloss.txt appendix A.5 by default).
+    (the 2-layer, 128-unit MLP of PTLoss paper appendix A.5 by default).
     ``in_features`` is filled in by the engine from the dataset's input shape."""
 
     def __init__(self, num_classes: int, in_features: int = 30, hidden: Sequence[int] = (128, 128),

@@ -1,4 +1,4 @@
-"""Built-in dataset ``gaussian_mixture`` (ptloss.txt appendix A.5, after Ren et al. 2022).
+"""Built-in dataset ``gaussian_mixture`` (PTLoss paper appendix A.5, after Ren et al. 2022).
 
 Labels are uniform over ``num_classes``; ``x | y=k ~ N(mu_k, sigma^2 I)`` with
 ``mu_k`` entries drawn from {-1, 0, 1}. With a uniform prior the exact Bayes

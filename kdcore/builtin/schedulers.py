@@ -33,7 +33,7 @@ class Linear(TimeSchedule):
 
 class Warmup(TimeSchedule):
     """``warmup``: DKD's warm-up of a term's weight (Zhao et al. 2022, sec. 4;
-    tand.txt sec. 3), ``min(epoch / epochs, 1)`` with epochs counted from 1:
+    TAND paper sec. 3), ``min(epoch / epochs, 1)`` with epochs counted from 1:
     ``1 / epochs`` in the first epoch, full weight from epoch ``epochs`` on,
     constant within an epoch (as in the DKD authors' code)."""
 

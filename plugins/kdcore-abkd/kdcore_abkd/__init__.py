@@ -1,4 +1,4 @@
-"""kdcore-abkd: ABKD, distillation with the alpha-beta divergence (abkd.txt).
+"""kdcore-abkd: ABKD, distillation with the alpha-beta divergence (ABKD paper).
 
 Registers the divergence ``ab`` and the losses ``abkd`` (eq. 7) and ``abdkd``
 (DKD with the alpha-beta divergence on the non-target part).

@@ -1,4 +1,4 @@
-"""The alpha-beta divergence of ABKD (abkd.txt def. 4.1; appendix B eq. 8).
+"""The alpha-beta divergence of ABKD (ABKD paper def. 4.1; appendix B eq. 8).
 
 ``D_AB^(a,b)(p || q) = -1/(a b) sum_k [p^a q^b - a/s p^s - b/s q^s]`` with
 ``s = a + b``, and its continuous extension (eq. 8) to ``a = 0``, ``b = 0``,
@@ -209,10 +209,10 @@ def exponent(name: str, value: float) -> float:
 
 class AlphaBetaDivergence:
     """``ab``: the alpha-beta divergence ``D_AB^(alpha, beta)(p || q)`` per row
-    (abkd.txt def. 4.1, continuous extension appendix B eq. 8), evaluated in the
+    (ABKD paper def. 4.1, continuous extension appendix B eq. 8), evaluated in the
     single stable form described in the module docstring.
 
-    Special cases (abkd.txt Table 1): ``(1, 0)`` KL(p || q); ``(0, 1)`` KL(q || p);
+    Special cases (ABKD paper Table 1): ``(1, 0)`` KL(p || q); ``(0, 1)`` KL(q || p);
     ``(1, 1)`` ``sum (p - q)^2 / 2``; ``(0.5, 0.5)`` ``2 sum (sqrt p - sqrt q)^2``
     (4 times the squared Hellinger distance); ``alpha + beta = 1`` the alpha
     divergence. Defaults are the paper's CIFAR-100 pair (0.8, 0.3).

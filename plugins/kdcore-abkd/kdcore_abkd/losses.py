@@ -1,4 +1,4 @@
-"""The ``abkd`` and ``abdkd`` losses (abkd.txt eq. 7 and its ABDKD variant)."""
+"""The ``abkd`` and ``abdkd`` losses (ABKD paper eq. 7 and its ABDKD variant)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kdcore_abkd.divergence import AlphaBetaDivergence, exponent
 
 class ABKD(LogitLoss):
     """``abkd``: ``T^2 * D_AB^(alpha, beta)(p^T || q^T)``, the distillation term of
-    abkd.txt eq. 7 (def. 4.1, continuous extension eq. 8) on temperature-softened
+    ABKD paper eq. 7 (def. 4.1, continuous extension eq. 8) on temperature-softened
     distributions (methods.md: ``T^2`` as for every method, so ``T = 1`` is eq. 7).
 
     Defaults are the paper's CIFAR-100 setting: ``alpha=0.8``, ``beta=0.3``
@@ -42,7 +42,7 @@ class ABKD(LogitLoss):
 class ABDKD(LogitLoss):
     """``abdkd``: Decoupled KD with the alpha-beta divergence on the non-target part,
     ``T^2 * (alpha * KL(b^t || b^s) + beta * D_AB^(ab_alpha, ab_beta)(rho^t || rho^s))``
-    (abkd.txt Tables 4 and 12, "ABDKD"; the authors' code keeps KL on TCKD).
+    (ABKD paper Tables 4 and 12, "ABDKD"; the authors' code keeps KL on TCKD).
 
     ``alpha``, ``beta``, ``temperature`` are DKD's (defaults 1, 8, 4);
     ``ab_alpha``, ``ab_beta`` the divergence's (default 0.8, 0.3, the most common

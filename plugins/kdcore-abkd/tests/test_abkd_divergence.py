@@ -19,7 +19,7 @@ from kdcore_abkd import AlphaBetaDivergence
 
 
 def eq8_terms(p: torch.Tensor, q: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    """abkd.txt eq. 8 elementwise on float64 probabilities, on the common support,
+    """ABKD paper eq. 8 elementwise on float64 probabilities, on the common support,
     plus the finite one-sided limits (the documented zero-probability convention)."""
     s = a + b
     both = (p > 0) & (q > 0)

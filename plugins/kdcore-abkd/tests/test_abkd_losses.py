@@ -134,7 +134,7 @@ def test_abdkd_token_level_ignores_positions(temperature, a, b):
 
 def test_abdkd_with_kl_on_both_parts_is_dkd():
     """ab (1, 0) on NCKD is DKD itself; with alpha = 1, beta = 1 - p_t per row it would
-    be KL (tand.txt thm 2.1); here: the same as the dkd plugin where installed."""
+    be KL (TAND paper thm 2.1); here: the same as the dkd plugin where installed."""
     if "dkd" not in kdcore.available("loss"):
         pytest.skip("kdcore-dkd is not installed")
     s, t = logits(9, 12, seed=10)

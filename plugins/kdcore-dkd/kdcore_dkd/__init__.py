@@ -1,4 +1,4 @@
-"""kdcore-dkd: Decoupled Knowledge Distillation (Zhao et al. 2022; tand.txt eq. 3-5).
+"""kdcore-dkd: Decoupled Knowledge Distillation (Zhao et al. 2022; TAND paper eq. 3-5).
 
 Registers the loss ``dkd`` (its warm-up is the core's ``warmup`` schedule). The pieces
 that other plugins reuse (TAND's target-aware part, eq. 8) are

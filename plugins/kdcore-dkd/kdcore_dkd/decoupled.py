@@ -1,4 +1,4 @@
-"""The target-aware decomposition shared by DKD and TAND (tand.txt eq. 3-5, 8).
+"""The target-aware decomposition shared by DKD and TAND (TAND paper eq. 3-5, 8).
 
 ``TCKD = D_t(b^t || b^s)`` on the binary target-vs-rest distributions
 ``b = [p_t, 1 - p_t]`` and ``NCKD = D_n(rho^t || rho^s)`` on the non-target
@@ -33,6 +33,6 @@ def part_divergences(divergence: Spec | None = None, tckd_divergence: Spec | Non
 def decoupled_rows(teacher: Split, student: Split, tckd_divergence: Any, nckd_divergence: Any,
                    alpha: float, beta: float) -> Tensor:
     """Per-row ``alpha * TCKD + beta * NCKD`` from the teacher's and the
-    student's ``split_target`` pieces (DKD without its ``T^2``; tand.txt eq. 8)."""
+    student's ``split_target`` pieces (DKD without its ``T^2``; TAND paper eq. 8)."""
     (t_b, t_rho), (s_b, s_rho) = teacher, student
     return alpha * tckd_divergence(t_b, s_b) + beta * nckd_divergence(t_rho, s_rho)

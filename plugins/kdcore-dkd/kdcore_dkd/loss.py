@@ -1,7 +1,7 @@
 """The ``dkd`` loss: Decoupled Knowledge Distillation (Zhao et al. 2022).
 
 ``L = T^2 * (alpha * TCKD + beta * NCKD)`` with ``TCKD = D(b^t || b^s)`` and
-``NCKD = D(rho^t || rho^s)`` on temperature-softened distributions (tand.txt
+``NCKD = D(rho^t || rho^s)`` on temperature-softened distributions (TAND paper
 eq. 3-5; with D = KL, ``KL(p || q) = TCKD + (1 - p_t) * NCKD``, thm 2.1).
 """
 
@@ -19,7 +19,7 @@ from kdcore_dkd.decoupled import decoupled_rows, part_divergences
 
 
 class DKD(LogitLoss):
-    """``dkd``: ``T^2 * (alpha * TCKD + beta * NCKD)`` (tand.txt eq. 3-5).
+    """``dkd``: ``T^2 * (alpha * TCKD + beta * NCKD)`` (TAND paper eq. 3-5).
 
     Defaults are the DKD paper's CIFAR-100 setting: ``alpha=1``, ``beta=8``,
     ``temperature=4``. ``divergence=`` replaces KL in both parts;

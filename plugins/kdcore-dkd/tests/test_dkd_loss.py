@@ -1,4 +1,4 @@
-"""dkd against an independent float64 reference (tand.txt eq. 3-5), the KL
+"""dkd against an independent float64 reference (TAND paper eq. 3-5), the KL
 decomposition of thm 2.1, divergence plumbing, and (kdcore.testing)
 the call conventions: token level, ignored positions, chunking, bf16 inputs."""
 
@@ -136,7 +136,7 @@ def p_target(zt, y, T):
 
 @pytest.mark.parametrize("T", [1.0, 3.0])
 def test_kl_decomposition_identity(T):
-    """KL(p || q) = TCKD + (1 - p_t) NCKD, row by row (tand.txt thm 2.1)."""
+    """KL(p || q) = TCKD + (1 - p_t) NCKD, row by row (TAND paper thm 2.1)."""
     zs, zt, y = random_logits(10, 9, seed=11), random_logits(10, 9, seed=12), random_targets(10, classes=9)
     tckd = kdcore.create("loss", "dkd", alpha=1.0, beta=0.0, temperature=T).rows(zs, zt, y).double()
     nckd = kdcore.create("loss", "dkd", alpha=0.0, beta=1.0, temperature=T).rows(zs, zt, y).double()

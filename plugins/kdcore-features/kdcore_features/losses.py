@@ -475,7 +475,7 @@ class ReviewKD(LazyConnectors):
 
 # -- USKD ----------------------------------------------------------------------------------------
 class USKD(LazyConnectors):
-    """Universal self-knowledge distillation (Yang et al. 2023; related-abstracts.txt; the
+    """Universal self-knowledge distillation (Yang et al. 2023; Yang et al. 2023; the
     authors' yzd-v/cls_KD code where the abstract is silent). No teacher.
 
     ``s = softmax(z)``; target soft label ``p_t = s_t^2 + 1 - mean_batch(s_t^2)`` (no

@@ -1,4 +1,4 @@
-"""kdcore-nkd: Normalized Knowledge Distillation (Yang et al. 2023; tand.txt eq. 7).
+"""kdcore-nkd: Normalized Knowledge Distillation (Yang et al. 2023; TAND paper eq. 7).
 
 Registers the loss ``nkd``. Its terms are public functions so that other
 losses (TAND, eq. 9) reuse them: :func:`target_term` (``-p_t log q_t``),

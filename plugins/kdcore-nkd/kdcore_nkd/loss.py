@@ -1,5 +1,5 @@
 """The ``nkd`` loss: Normalized Knowledge Distillation (Yang et al. 2023;
-tand.txt eq. 7, related-abstracts NKD) with the temperature convention of
+TAND paper eq. 7, related-abstracts NKD) with the temperature convention of
 methods.md: ``L = -p_t log q_t + gamma * T^2 * CE(rho^t(T), rho^s(T))``, the
 target term at T = 1 and without ``gamma``.
 """
@@ -18,7 +18,7 @@ from kdcore_nkd.terms import nkd_rows, split_nkd_rows
 
 
 class NKD(LogitLoss):
-    """``nkd``: ``-p_t log q_t + gamma * T^2 * CE(rho^t(T), rho^s(T))`` (tand.txt eq. 7).
+    """``nkd``: ``-p_t log q_t + gamma * T^2 * CE(rho^t(T), rho^s(T))`` (TAND paper eq. 7).
 
     Defaults ``gamma=1.5``, ``temperature=1`` (the TAND paper's setting).
     ``divergence=`` (name, ``{"name": ..}`` mapping or object) replaces the

@@ -1,4 +1,4 @@
-"""The terms of the NKD loss (tand.txt eq. 7) on per-row log-probabilities.
+"""The terms of the NKD loss (TAND paper eq. 7) on per-row log-probabilities.
 
 ``L_NKD = -p_t log q_t - gamma * sum_{k != t} rho^t_k log rho^s_k``: the
 student's target log-likelihood weighted by the teacher's target probability
@@ -22,7 +22,7 @@ Split = tuple[Tensor, Tensor]
 
 def target_term(teacher_log_pt: Tensor, student_log_qt: Tensor) -> Tensor:
     """``-p_t log q_t`` per row from the target log-probabilities ``log p_t``,
-    ``log q_t`` ``[n]`` (tand.txt eq. 7, first term). 0 where ``p_t = 0``, also
+    ``log q_t`` ``[n]`` (TAND paper eq. 7, first term). 0 where ``p_t = 0``, also
     when ``log q_t = -inf`` (a padded target column in both models)."""
     p_t = teacher_log_pt.exp()
     return -p_t * student_log_qt.masked_fill(p_t == 0, 0.0)
@@ -30,7 +30,7 @@ def target_term(teacher_log_pt: Tensor, student_log_qt: Tensor) -> Tensor:
 
 def normalized_nontarget_term(teacher_log_rho: Tensor, student_log_rho: Tensor,
                               divergence: Any = None) -> Tensor:
-    """The non-target term of tand.txt eq. 7 (without ``gamma``) per row, from
+    """The non-target term of TAND paper eq. 7 (without ``gamma``) per row, from
     the renormalised non-target log-distributions ``log rho``.
 
     With ``divergence=None`` it is the paper's cross entropy

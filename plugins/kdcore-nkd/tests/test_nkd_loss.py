@@ -1,4 +1,4 @@
-"""nkd against an independent float64 reference (tand.txt eq. 7 with the T^2
+"""nkd against an independent float64 reference (TAND paper eq. 7 with the T^2
 convention of methods.md), its divergence option, and (kdcore.testing)
 the call conventions: token level, ignored positions, chunking, bf16 inputs."""
 

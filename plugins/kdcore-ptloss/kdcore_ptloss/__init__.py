@@ -1,6 +1,6 @@
 """kdcore-ptloss: PTLoss, the perturbed distillation loss of Zhang et al.,
 "Do Not Blindly Imitate the Teacher: Using Perturbed Loss for Knowledge
-Distillation" (ptloss.txt).
+Distillation" (the PTLoss paper).
 
 - loss ``ptloss`` (eq. 7) and transform ``ptloss_proxy`` (sec. 4.2);
 - :func:`proxy_teacher`: the proxy teacher of a set of coefficients;

@@ -1,4 +1,4 @@
-"""PTLoss perturbation coefficients ``eps`` (ptloss.txt eq. 7).
+"""PTLoss perturbation coefficients ``eps`` (PTLoss paper eq. 7).
 
 ``eps`` is either a list of ``M`` numbers shared by every class (``eps_m``)
 or a ``C x M`` table (``eps_{c,m}``, one row per class). Either way it is

@@ -1,4 +1,4 @@
-"""``kdcore ptloss-search``: the coefficient search (ptloss.txt alg. 1) from the
+"""``kdcore ptloss-search``: the coefficient search (PTLoss paper alg. 1) from the
 command line.
 
 Teacher outputs come either from saved tensors (``--tensors FILE.pt``: a dict
@@ -29,7 +29,7 @@ LABEL_KEYS = ("labels", "targets")
 def add_search_command(cli: Any) -> None:
     """Add ``ptloss-search`` to the ``kdcore`` subcommands."""
     p = cli.add_parser("ptloss-search", help="choose PTLoss coefficients by the proxy-teacher search "
-                                             "(ptloss.txt alg. 1, eq. 11)",
+                                             "(PTLoss paper alg. 1, eq. 11)",
                        description=__doc__.split("\n\n", 1)[1].strip().replace("``", ""))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tensors", metavar="FILE.pt", help="saved {'teacher_logits': [N, C], 'labels': [N]}")

@@ -1,5 +1,5 @@
 """The mathematics of PTLoss (Zhang et al., "Do Not Blindly Imitate the
-Teacher: Using Perturbed Loss for Knowledge Distillation"; ptloss.txt eq. 7).
+Teacher: Using Perturbed Loss for Knowledge Distillation"; PTLoss paper eq. 7).
 
 ``l_PT(p, q) = KL(p || q) + sum_c p_c P_c(1 - q_c)`` with the perturbation
 polynomial ``P_c(r) = sum_{m=1..M} eps_{c,m} r^m``.

@@ -1,4 +1,4 @@
-"""The ``ptloss`` loss term (ptloss.txt eq. 7)."""
+"""The ``ptloss`` loss term (PTLoss paper eq. 7)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kdcore_ptloss.functional import ptloss_rows
 
 
 class PTLoss(LogitLoss):
-    """``ptloss``: perturbed distillation loss, ptloss.txt eq. 7, with Hinton's
+    """``ptloss``: perturbed distillation loss, PTLoss paper eq. 7, with Hinton's
     temperature convention:
 
     ``T^2 * [KL(p^T || q^T) + sum_c p^T_c sum_{m=1..M} eps_{c,m} (1 - q^T_c)^m]``

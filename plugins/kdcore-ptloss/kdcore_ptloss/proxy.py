@@ -1,4 +1,4 @@
-"""The proxy teacher of PTLoss (ptloss.txt sec. 4.2, eq. 10, appendix A.3).
+"""The proxy teacher of PTLoss (PTLoss paper sec. 4.2, eq. 10, appendix A.3).
 
 For a teacher row ``p`` and coefficients ``eps`` the proxy teacher is the
 distribution a student trained with PTLoss converges to,
@@ -207,7 +207,7 @@ def solve(teacher_logp: Tensor, eps: Tensor, draw: Tensor | None = None, *, tol:
 
 
 def proxy_teacher(teacher_logp: Tensor, eps: Any, *, tol: float = 1e-9, max_iter: int = 100) -> Tensor:
-    """The proxy teacher of ptloss.txt sec. 4.2: per row ``argmin_q l_PT(p, q)``.
+    """The proxy teacher of PTLoss paper sec. 4.2: per row ``argmin_q l_PT(p, q)``.
 
     ``teacher_logp``: teacher log-probabilities ``[..., C]`` (logits are
     accepted: rows are normalised first); ``eps``: a list of ``M`` numbers or
@@ -223,7 +223,7 @@ def proxy_teacher(teacher_logp: Tensor, eps: Any, *, tol: float = 1e-9, max_iter
 
 class ProxyTeacher:
     """``ptloss_proxy``: replace the teacher by its PTLoss proxy teacher for
-    coefficients ``eps`` (ptloss.txt sec. 4.2), so that e.g. ``kd`` with this
+    coefficients ``eps`` (PTLoss paper sec. 4.2), so that e.g. ``kd`` with this
     transform trains towards the same minimiser as ``ptloss`` with ``eps``."""
 
     def __init__(self, eps: Any = (0.0,)):

@@ -1,4 +1,4 @@
-"""Automated selection of the PTLoss coefficients (ptloss.txt alg. 1, eq. 11).
+"""Automated selection of the PTLoss coefficients (PTLoss paper alg. 1, eq. 11).
 
 For every order ``M = 1..orders``, ``draws`` coefficient sets are drawn
 uniformly from ``space^M`` (or ``space^(C x M)`` with ``per_class``); each is
@@ -118,7 +118,7 @@ def _check(teacher_logits: Tensor, labels: Tensor, orders: Any, draws: Any, spac
 def search(teacher_logits: Tensor, labels: Tensor, *, orders: int = 5, draws: int = 100,
            space: tuple[float, float] = (-1.0, 10.0), per_class: bool = False, seed: int = 0,
            progress: bool | None = None) -> SearchResult:
-    """Random search of PTLoss coefficients (ptloss.txt alg. 1) scored by eq. 11.
+    """Random search of PTLoss coefficients (PTLoss paper alg. 1) scored by eq. 11.
 
     - ``teacher_logits``: ``[N, C]`` (or ``[B, T, C]``) teacher logits on a
       validation set; ``labels``: ``[N]`` (``[B, T]``), ``-100`` ignored.

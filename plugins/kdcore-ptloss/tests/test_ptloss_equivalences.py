@@ -1,4 +1,4 @@
-"""Appendix A.1 of ptloss.txt: KL, label smoothing (eq. 27) and focal loss
+"""Appendix A.1 of PTLoss paper: KL, label smoothing (eq. 27) and focal loss
 (eq. 14) as PTLoss coefficient choices, generalised to C classes."""
 
 import math

@@ -1,4 +1,4 @@
-"""The ``ptloss`` loss (ptloss.txt eq. 7) against a plain float64 reference."""
+"""The ``ptloss`` loss (PTLoss paper eq. 7) against a plain float64 reference."""
 
 import math
 

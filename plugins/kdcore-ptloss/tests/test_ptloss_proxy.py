@@ -1,4 +1,4 @@
-"""The proxy teacher (ptloss.txt sec. 4.2, eq. 10) and the ``ptloss_proxy`` transform."""
+"""The proxy teacher (PTLoss paper sec. 4.2, eq. 10) and the ``ptloss_proxy`` transform."""
 
 import numpy as np
 import pytest

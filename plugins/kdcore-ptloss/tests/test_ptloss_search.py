@@ -1,4 +1,4 @@
-"""The coefficient search (ptloss.txt alg. 1, eq. 11), its API and its command."""
+"""The coefficient search (PTLoss paper alg. 1, eq. 11), its API and its command."""
 
 import json
 

@@ -2,7 +2,7 @@
 
 Time schedules (multipliers of a term's weight): ``cosine``, ``step``,
 ``switch``, ``distill_decay`` (the core has ``fixed``, ``linear``, ``warmup``). Gradient-aware schedulers
-(``[weighting]``): ``crossbatch`` (cross-batch-weighting.txt sec. 2), ``mgda``,
+(``[weighting]``): ``crossbatch`` (cross-batch weighting paper sec. 2), ``mgda``,
 ``pcgrad``. :func:`crossbatch_update` is the cross-batch update on flat
 gradient vectors.
 """

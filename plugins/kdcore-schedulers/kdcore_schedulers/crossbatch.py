@@ -1,4 +1,4 @@
-"""Cross-batch gradient-consistency weighting (cross-batch-weighting.txt sec. 2, eqs. 4-11).
+"""Cross-batch gradient-consistency weighting (cross-batch weighting paper sec. 2, eqs. 4-11).
 
 Inputs are flat gradients over the student's parameters: ``g_ce`` and
 ``g_kd`` of the CE and distillation terms on the batch B1, and ``G`` (``g_ref``)

@@ -83,7 +83,7 @@ class _TwoGroups:
 
 class CrossBatch(GradientWeighting):
     """``crossbatch``: cross-batch gradient-consistency weighting
-    (cross-batch-weighting.txt sec. 2, eqs. 4-11; see
+    (cross-batch weighting paper sec. 2, eqs. 4-11; see
     :func:`kdcore_schedulers.crossbatch_update`).
 
     ``g_ce`` / ``g_kd`` are the gradients of the summed CE / KD terms on the
@@ -135,7 +135,7 @@ class CrossBatch(GradientWeighting):
 class MGDA(GradientWeighting):
     """``mgda``: the two-task min-norm combination of the CE and KD gradients
     (Sener & Koltun 2018, alg. 1; Desideri 2012), ``g = gamma g_ce + (1 - gamma) g_kd``,
-    weights summing to 1 (a baseline of cross-batch-weighting.txt sec. 3.3)."""
+    weights summing to 1 (a baseline of cross-batch weighting paper sec. 3.3)."""
 
     def __init__(self, ce_terms: Sequence[str] | None = None, kd_terms: Sequence[str] | None = None):
         self.groups = _TwoGroups(ce_terms, kd_terms)

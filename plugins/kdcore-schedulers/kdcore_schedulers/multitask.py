@@ -1,4 +1,4 @@
-"""Multi-task gradient combinations used as KD baselines (cross-batch-weighting.txt sec. 3.3).
+"""Multi-task gradient combinations used as KD baselines (cross-batch weighting paper sec. 3.3).
 
 Both work on the Gram matrix ``K[i][j] = g_i . g_j`` of the task gradients
 and return coefficients ``beta`` such that the update is ``sum_i beta_i g_i``.

@@ -81,7 +81,7 @@ class Switch(TimeSchedule):
 
 class DistillDecay(TimeSchedule):
     """``distill_decay``: the distillation-decay baseline of
-    cross-batch-weighting.txt sec. 3.3, one schedule per term, chosen by ``role``.
+    cross-batch weighting paper sec. 3.3, one schedule per term, chosen by ``role``.
 
     With ``f`` the fraction of the run done (step by step), ``m = midpoint``,
     ``a0 = start`` (the initial KL weight, 0.9) and ``s = min(f / m, 1)``:

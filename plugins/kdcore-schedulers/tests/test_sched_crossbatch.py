@@ -1,4 +1,4 @@
-"""crossbatch_update (cross-batch-weighting.txt eqs. 5-11) against plain float64 references
+"""crossbatch_update (cross-batch weighting paper eqs. 5-11) against plain float64 references
 written here: brute-force grids for eq. 5 and for the align variant, eqs. 7-11 literally."""
 
 import math

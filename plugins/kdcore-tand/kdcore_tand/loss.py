@@ -1,4 +1,4 @@
-"""The ``tand`` loss: Target-Aware Normalized Distillation (tand.txt eq. 9).
+"""The ``tand`` loss: Target-Aware Normalized Distillation (TAND paper eq. 9).
 
 ``L_TAND = L_NKD + L_TAD`` with, at temperature T (methods.md conventions),
 ``L_NKD = -p_t log q_t + gamma * T^2 * CE(rho^t, rho^s)`` (eq. 7, target term
@@ -21,7 +21,7 @@ from kdcore_nkd import nkd_rows, split_nkd_rows
 
 
 class TAND(LogitLoss):
-    """``tand``: ``nkd(gamma, T) + T^2 * (alpha * TCKD + beta * NCKD)`` (tand.txt eq. 9).
+    """``tand``: ``nkd(gamma, T) + T^2 * (alpha * TCKD + beta * NCKD)`` (TAND paper eq. 9).
 
     Defaults ``alpha=1``, ``beta=2``, ``gamma=1.5``, ``temperature=1`` (the
     paper's DS-NER setting; its vision setting is alpha=2, beta=0.5, gamma=0.5

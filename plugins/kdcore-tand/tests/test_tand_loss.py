@@ -1,4 +1,4 @@
-"""tand against an independent float64 reference (tand.txt eq. 7-9 with the
+"""tand against an independent float64 reference (TAND paper eq. 7-9 with the
 T^2 convention of methods.md), its composition from nkd and dkd, the
 divergence options, and (kdcore.testing)
 the call conventions: token level, ignored positions, chunking, bf16 inputs."""
@@ -173,7 +173,7 @@ requires_ab = pytest.mark.skipif("ab" not in kdcore.available("divergence"),
 @requires_ab
 @pytest.mark.parametrize("ab,same_as", [((1.0, 0.0), "kl"), ((0.0, 1.0), "rkl")])
 def test_ab_divergence_limits(ab, same_as):
-    """AB(1, 0) = KL and AB(0, 1) = reverse KL (abkd.txt), in all three parts."""
+    """AB(1, 0) = KL and AB(0, 1) = reverse KL (ABKD paper), in all three parts."""
     zs, zt, y = random_logits(6, 8, seed=13), random_logits(6, 8, seed=14), random_targets(6, classes=8)
     spec = {"name": "ab", "alpha": ab[0], "beta": ab[1]}
     v_ab, g_ab = value_and_grad(kdcore.create("loss", "tand", temperature=2.0, divergence=spec), zs, zt, y)
