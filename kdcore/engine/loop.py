@@ -153,7 +153,8 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, 
     bar = _bar(trainer, len(trainer.batches), skip)
     t0 = time.perf_counter()
     for batch in trainer.batches.epoch(epoch_generator(run.seed, trainer.epoch), skip=skip):
-        losses = trainer.train_step(batch, meter, aux)
+        with trainer.memory.around(trainer.step + 1):
+            losses = trainer.train_step(batch, meter, aux)
         trainer.batch_in_epoch += 1
         trainer.aux_consumed = 0 if aux is None else aux.consumed
         if bar is not None:
@@ -221,6 +222,8 @@ def _summary(trainer, last_record, elapsed) -> dict[str, Any]:
             summary.update({f"teacher_{k}": v for k, v in trainer.evaluate(split, report, trainer.teacher).items()})
     if trainer.term_params:
         summary["loss_term_parameters"] = trainer.term_parameter_count
+    if trainer.memory.enabled:
+        summary["peak_step_mib"] = trainer.memory.peak_mib
     summary["final"] = last_record
     summary["train_time_s"] = round(elapsed, 3)
     return summary

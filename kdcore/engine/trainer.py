@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from kdcore import config as cfg
 from kdcore.engine import checkpoints, distributed, step, teacher_source
 from kdcore.engine.batches import Batch, Batches, eval_batches
+from kdcore.engine.memory import StepMemory
 from kdcore.engine.meter import Meter
 from kdcore.engine.models import build_model
 from kdcore.engine.objective import Objective
@@ -112,6 +113,7 @@ class Trainer:
             f"loss term {t.id!r}'s parameters": ps for t in self.objective.terms
             if isinstance(t.loss, nn.Module) and (ps := step.trainable(t.loss.parameters()))}}
         self.guard = step.FiniteGuard(self.device, [t.id for t in self.objective.terms], list(self.grad_groups))
+        self.memory = StepMemory(self.device, run.measure_memory)
         if run.compile:
             self.model = torch.compile(self.model)
             if self.teacher is not None:

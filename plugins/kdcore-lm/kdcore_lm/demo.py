@@ -9,9 +9,11 @@ kdcore-abkd is), each for several seeds. The table (kdcore's shared demo
 presentation, :func:`kdcore.demo.present`) is sorted by the mean per-token KL
 from the truth ``KL(p* || q)``, with mean and spread over seeds of it, of the
 perplexity, of the top-1 agreement with the teacher and of the top-1 accuracy,
-the truth and the teacher as reference rows, one verdict line and ``demo.png``.
-Every number comes from the runs' ``summary.json`` (``test_kl``, ``test_ppl``,
-``test_agreement``, ``test_acc``).
+the truth and the teacher as reference rows, one verdict line and ``demo.png``;
+and the peak memory of a training step (``run.measure_memory``: the tensors one
+step allocates, e.g. the logits, the loss and the gradients). Every number
+comes from the runs' ``summary.json`` (``test_kl``, ``test_ppl``,
+``test_agreement``, ``test_acc``, ``peak_step_mib``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ TEACHER: dict[str, Any] = {
     "optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0}, "loss": [{"name": "ce"}],
 }
 STUDENT: dict[str, Any] = {
-    "run": {"seed": 1, "epochs": 40, "batch_size": 16, "progress": "off", "threads": 1, "log_every": 1000},
+    "run": {"seed": 1, "epochs": 40, "batch_size": 16, "progress": "off", "threads": 1, "log_every": 1000,
+            "measure_memory": True},
     "data": {**DATA, "train_size": FEW}, "student": {"backbone": "hf", "config": STUDENT_MODEL},
     "optim": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.0}, "loss": [{"name": "ce"}],
 }
@@ -45,8 +48,9 @@ METHODS = (("ce + kd", "kl"), ("ce + kd (rkl)", "rkl"), ("ce + kd (jsd)", "jsd")
            ("ce + kd (ab 0.2, 0.7)", {"name": "ab", "alpha": 0.2, "beta": 0.7}))
 #: rows of the kd terms per chunk: the fused projection (the hf backbone returns hidden and head)
 CHUNK = 128
-COLUMNS = (("kl", "KL to truth"), ("ppl", "perplexity"), ("agree", "agreement"), ("acc", "top-1 acc"))
-KEYS = {"kl": "test_kl", "ppl": "test_ppl", "agree": "test_agreement", "acc": "test_acc"}
+COLUMNS = (("kl", "KL to truth"), ("ppl", "perplexity"), ("agree", "agreement"), ("acc", "top-1 acc"),
+           ("mem", "step peak MiB"))
+KEYS = {"kl": "test_kl", "ppl": "test_ppl", "agree": "test_agreement", "acc": "test_acc", "mem": "peak_step_mib"}
 
 
 def run_demo(out_dir: str | Path = "runs/demo-lm", *, teacher_epochs: int | None = None,
@@ -89,11 +93,11 @@ def run_demo(out_dir: str | Path = "runs/demo-lm", *, teacher_epochs: int | None
     rows = sort_groups(rows, "kl")
     truth_acc, truth_ppl = _truth_scores(data)
     references = [{"method": "truth", "group": None, "kl": (0.0, 0.0), "ppl": (truth_ppl, 0.0),
-                   "agree": (None, None), "acc": (truth_acc, 0.0)}]
+                   "agree": (None, None), "acc": (truth_acc, 0.0), "mem": (None, None)}]
     if taught:  # the teacher the students learnt from (best.pt), as their runs evaluated it
-        references.append({"method": "teacher", "group": None, "agree": (1.0, 0.0),
+        references.append({"method": "teacher", "group": None, "agree": (1.0, 0.0), "mem": (None, None),
                            **{col: (taught[0][f"teacher_{key}"], 0.0) for col, key in KEYS.items()
-                              if col != "agree"}})
+                              if col not in ("agree", "mem")}})
     baseline = next(r for r in rows if r["method"] == "ce")
     present(references + rows, COLUMNS, "kl", len(seeds), out, [verdict(rows, baseline, "kl", "the true law")],
             title=f"students on {FEW} sequences; teacher on {round(data['n'] * data['split'][0])}",

@@ -34,6 +34,10 @@ def test_demo_lm_runs_at_a_reduced_size(tmp_path, capsys):
     for col, key in (("ppl", "test_ppl"), ("agree", "test_agreement")):
         assert abs(kd[col][0] - sum(r[key] for r in runs) / 2) < 1e-12
     assert all(abs(r["test_ppl"] - math.exp(r["test_nll"])) < 1e-9 * r["test_ppl"] for r in runs)
+    # the step's peak memory (run.measure_memory; the kept tokens of the step vary with the seed)
+    assert all(r["peak_step_mib"] > 0 for r in runs)
+    assert abs(kd["mem"][0] - sum(r["peak_step_mib"] for r in runs) / 2) < 1e-12
+    assert rows[0]["mem"] == rows[1]["mem"] == (None, None) and "step peak MiB" in out
     ce = next(r for r in rows if r["method"] == "ce")
     assert ce["agree"] == (None, None) and ce["ppl"][0] > 1.0  # a run without a teacher has no agreement
     if "ab" in kdcore.available("divergence"):
