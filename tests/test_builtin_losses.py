@@ -332,6 +332,33 @@ def test_kd_custom_divergence_object(temperature):
     torch.testing.assert_close(value.double(), ref_mean(rows, y), rtol=1e-5, atol=1e-7)
 
 
+class HalfSquaredL2FromLogits(HalfSquaredL2):
+    """The same divergence with a ``from_logits`` path, which records its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_calls = []
+
+    def from_logits(self, teacher_logits, student_logits):
+        self.logit_calls.append((teacher_logits, student_logits))
+        return super().__call__(torch.log_softmax(teacher_logits, -1), torch.log_softmax(student_logits, -1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_uses_a_divergences_from_logits_path(temperature):
+    """A divergence with ``from_logits`` gets the logits divided by T (not
+    log-probabilities), and the value is the same as through ``__call__``."""
+    s, t, y = inputs((10, 6), seed=38, ignore_frac=0.3)
+    plain, fast = HalfSquaredL2(), HalfSquaredL2FromLogits()
+    expected = make("kd", temperature, divergence=plain)(s, t, y)
+    value = make("kd", temperature, divergence=fast)(s, t, y)
+    (zt, zs), = fast.logit_calls
+    keep = y.reshape(-1) != -100
+    torch.testing.assert_close(zt[keep], t.reshape(-1, 6)[keep].float() / temperature)
+    torch.testing.assert_close(zs[keep], s.reshape(-1, 6)[keep].float() / temperature)
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_kd_bad_divergence():
     with pytest.raises(kdcore.UnknownComponentError, match="nope"):
         make("kd", 1.0, divergence="nope")

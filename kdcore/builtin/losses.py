@@ -10,7 +10,7 @@ from torch import Tensor
 
 from kdcore import params
 from kdcore.builtin.divergences import KL
-from kdcore.functional import IGNORE_INDEX, kd_rows, log_softmax_t, upcast
+from kdcore.functional import IGNORE_INDEX, kd_rows, log_softmax_t, scaled_logits, upcast
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
 
 
@@ -60,6 +60,9 @@ class KD(LogitLoss):
         t = self.temperature
         if type(self.divergence) is KL:
             return kd_rows(student, teacher, t)  # fused forward and backward
+        from_logits = getattr(self.divergence, "from_logits", None)
+        if from_logits is not None:  # a divergence with its own path from the logits
+            return t * t * from_logits(scaled_logits(teacher, t), scaled_logits(student, t))
         return t * t * self.divergence(log_softmax_t(teacher, t), log_softmax_t(student, t))
 
     def lean_kd_temperature(self) -> float | None:

@@ -283,12 +283,49 @@ class SkewReverseKL(_Skew):
     reverse = True
 
 
+class _TVDFromLogits(torch.autograd.Function):
+    """``0.5 sum_k |p_k - q_k|`` per row with ``p = softmax(z_t)``, ``q = softmax(z_s)``,
+    in probability space (no log-probabilities to exponentiate again). With
+    ``s = sign(p - q) / 2`` (0 where ``p = q``), ``dV/dp = s`` and ``dV/dq = -s``;
+    through the softmaxes ``dV/dz_t = p (s - <p, s>)`` and ``dV/dz_s = -q (s - <q, s>)``.
+    Columns at ``-inf`` have ``p = q = 0``: no value, no gradient."""
+
+    @staticmethod
+    def forward(ctx, teacher: Tensor, student: Tensor) -> Tensor:
+        p = torch.softmax(teacher, dim=-1)
+        q = torch.softmax(student, dim=-1)
+        diff = p - q
+        value = diff.abs().sum(-1).mul_(0.5)
+        sign = diff.sign_().mul_(0.5)
+        ctx.save_for_backward(p if ctx.needs_input_grad[0] else None, q if ctx.needs_input_grad[1] else None,
+                              sign)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        p, q, sign = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        grad_t = grad_s = None
+        if p is not None:
+            grad_t = (sign - (p * sign).sum(-1, keepdim=True)).mul_(p).mul_(g)
+        if q is not None:
+            grad_s = (sign - (q * sign).sum(-1, keepdim=True)).mul_(q).mul_(g).neg_()
+        return grad_t, grad_s
+
+
 class TotalVariation:
-    """``tvd``: the total variation distance ``0.5 sum_k |p_k - q_k|`` (in [0, 1])."""
+    """``tvd``: the total variation distance ``0.5 sum_k |p_k - q_k|`` (in [0, 1]).
+    ``kd`` calls :meth:`from_logits`, which works in probability space."""
 
     def __call__(self, teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
         lp, lq = _rows(teacher_logp, student_logp)
         return _BlockwiseRows.apply(lp, lq, _tvd_kernel).reshape(teacher_logp.shape[:-1])
+
+    def from_logits(self, teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+        """The same value per row from logits: ``tvd(log_softmax(z_t), log_softmax(z_s))``."""
+        zt, zs = _rows(teacher_logits, student_logits)
+        return _TVDFromLogits.apply(zt, zs).reshape(teacher_logits.shape[:-1])
 
     def __repr__(self) -> str:
         return "TotalVariation()"

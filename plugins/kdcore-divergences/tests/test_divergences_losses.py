@@ -121,3 +121,34 @@ def test_dkd_with_divergence_matches_reference(spec):
 @needs_dkd
 def test_dkd_jsd_follows_the_loss_contract():
     check_logit_loss(kdcore.create("loss", "dkd", divergence={"name": "jsd", "beta": 0.3}))
+
+
+def test_tvd_from_logits_equals_the_log_space_path_in_value_and_gradients():
+    """``kd`` takes tvd's probability-space path (``from_logits``); it is the same
+    function as ``tvd(log_softmax(z_t), log_softmax(z_s))``, -inf columns included,
+    with gradients to both sides."""
+    tvd = kdcore.create("divergence", "tvd")
+    g = torch.Generator().manual_seed(3)
+    zt, zs = torch.randn(6, 9, generator=g, dtype=torch.float64) * 3, torch.randn(6, 9, generator=g,
+                                                                                   dtype=torch.float64) * 3
+    zt[:, [1, 4]] = zs[:, [1, 4]] = -torch.inf
+    weights = torch.arange(1.0, 7.0, dtype=torch.float64)
+    results = []
+    for path in ("logits", "log_probs"):
+        a, b = zt.clone().requires_grad_(), zs.clone().requires_grad_()
+        rows = tvd.from_logits(a, b) if path == "logits" else tvd(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
+        (rows * weights).sum().backward()
+        results.append((rows.detach(), a.grad, b.grad))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    assert torch.all(results[0][1][:, [1, 4]] == 0) and torch.all(results[0][2][:, [1, 4]] == 0)
+    p, q = ref.softmax(zt.numpy(), 1.0), ref.softmax(zs.numpy(), 1.0)
+    np.testing.assert_allclose(results[0][0].numpy(), ref.tvd(p, q), rtol=1e-12)
+
+
+def test_tvd_from_logits_gradients_match_finite_differences():
+    tvd = kdcore.create("divergence", "tvd")
+    g = torch.Generator().manual_seed(4)
+    zt = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    zs = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: tvd.from_logits(a, b), (zt, zs))
