@@ -12,29 +12,46 @@ of the fastest and of the median runs (goal <= 1.05) and the difference of the v
     .venv/bin/python benchmarks/bench_features.py [--losses fitnet,at,...] [--reps 7] [--threads N]
 
 With ``--step``: whole training steps on the real zoo models instead (resnet8x4
-student, resnet32x4 teacher, batch 64 of 32x32 inputs): a feature method's step
-(teacher forward under no_grad and student forward, both with the method's taps,
-``ce`` + the feature loss with its connectors, backward) against plain KD's step
-on the same models (the same forwards without taps, ``ce`` + ``kd`` at T = 4,
-backward), interleaved; the ratio feature / KD of the fastest and of the median
-steps, in process CPU time (one thread: less disturbed by other jobs on a shared
-machine than wall time). ``uskd`` has no teacher: its step runs the student only.
+student, resnet32x4 teacher with random weights, 100 classes, batch 64 of 32x32
+inputs, SGD lr 0.05 momentum 0.9 weight decay 5e-4, CPU). Per method, three steps
+are timed, interleaved (the order alternating forward and reversed):
 
-    .venv/bin/python benchmarks/bench_features.py --step [--losses ...] [--reps 5] [--threads N]
+* kdcore: ``Trainer.train_step`` of the engine (``build_trainer`` on a config with
+  ``[[loss]] ce`` + the method at weight 1 with its default taps for the zoo pair;
+  crd with ``num_data = 50000``; uskd has no teacher), on a fixed batch of inputs,
+  labels and sample indices;
+* hand-written: the loop one writes by hand: ``register_forward_hook`` on the same
+  modules of its own student (the engine's initial weights loaded) and teacher,
+  the teacher's forward under ``no_grad``, ``F.cross_entropy + plain_<method>``
+  with a deep copy of the engine's materialised connectors, ``backward``,
+  ``torch.optim.SGD`` (the same settings) ``step``, ``zero_grad(set_to_none=True)``;
+* KD: the engine's step with ``ce`` + ``kd`` at T = 4 (the "vs KD" column).
+
+Before timing, one step of each side from the same state is checked to give the
+same loss (``|diff|``). Printed: the median step times, the ratio kdcore /
+hand-written of the fastest and of the median steps (goal <= 1.05), the median of the
+per-round ratios (``paired``: the two steps of a round see the same load) and kdcore /
+KD of the medians, in process CPU time; ``--threads 1`` is the steady setting on a
+shared machine (wall time varies 2x there). The hand-written CRD gathers the
+``64 x 16385`` sampled bank rows (the authors' formula); kdcore scores them with one
+matrix product, so its ratio there is the loss's, not the engine's.
+
+    .venv/bin/python benchmarks/bench_features.py --step --threads 1 [--losses ...] [--reps 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 import kdcore
-from kdcore.engine.taps import Tapping
 
 N = 64
 STAGES = {"stages.0": (64, 32, 32), "stages.1": (128, 16, 16), "stages.2": (256, 8, 8)}
@@ -101,6 +118,10 @@ def plain_crd(L, fs, ft, y, z):
     idx = torch.cat([z[:, None], torch.randint(L.num_data, (N, L.num_negatives))], 1)
     out_s = torch.exp(torch.bmm(L.memory_teacher[idx], vs[:, :, None]) / L.temperature).squeeze(2)
     out_t = torch.exp(torch.bmm(L.memory_student[idx], vt[:, :, None]) / L.temperature).squeeze(2)
+    with torch.no_grad():  # Z, fixed on the first training batch (the authors' code)
+        for i, out in enumerate((out_s, out_t)):
+            if L.normaliser[i] < 0:
+                L.normaliser[i] = out.mean() * L.num_data
     out_s, out_t = out_s / L.normaliser[0], out_t / L.normaliser[1]
 
     def nce(x):
@@ -163,55 +184,115 @@ TAPS = {"fitnet": ["stages.1"], "at": list(STAGES), "sp": ["stages.2"], "pkt": [
         "reviewkd": [*STAGES, "stages.2"], "uskd": ["stages.1"]}
 
 
-def interleaved(run_a, run_b, reps: int, clock=time.perf_counter) -> tuple[list[float], list[float]]:
-    """``reps`` timed calls of each, alternating which goes first."""
-    a, b = [], []
+def interleaved(runs, reps: int, clock=time.perf_counter) -> list[list[float]]:
+    """``reps`` timed calls of each of ``runs``, alternating the order (forward, then reversed)."""
+    times: list[list[float]] = [[] for _ in runs]
+    order = list(range(len(runs)))
     for i in range(reps):
-        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for which in (order if i % 2 == 0 else order[::-1]):
             start = clock()
-            (run_a if which == 0 else run_b)()
-            (a if which == 0 else b).append(clock() - start)
-    return a, b
+            runs[which]()
+            times[which].append(clock() - start)
+    return times
+
+
+def engine_config(tmp: str, terms: list[dict], teacher: bool, threads: int) -> dict:
+    """A config the engine builds resnet32x4 -> resnet8x4 from (a small random 100-class image set:
+    the data only have to let the trainer build; the timed batch is given to ``train_step``)."""
+    conf = {
+        "run": {"seed": 0, "epochs": 1, "batch_size": N, "device": "cpu", "progress": "off",
+                "deterministic": False, "threads": threads},
+        "data": {"name": "tensors", "path": os.path.join(tmp, "data.pt"), "num_classes": 100},
+        "student": {"backbone": "resnet8x4"},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "loss": [{"name": "ce", "weight": 1.0}, *terms],
+    }
+    if teacher:
+        conf["teacher"] = {"backbone": "resnet32x4", "checkpoint": os.path.join(tmp, "teacher.pt")}
+    return conf
+
+
+def hooked(model: torch.nn.Module, paths) -> dict:
+    """``register_forward_hook`` on the modules at ``paths``: their outputs land in the returned dict."""
+    out: dict = {}
+    modules = dict(model.named_modules())
+    for p in dict.fromkeys(paths):
+        modules[p].register_forward_hook(lambda m, a, o, p=p: out.__setitem__(p, o))
+    return out
 
 
 def step_main(args) -> int:
-    """Whole training steps: each feature method against plain KD (module docstring)."""
+    """Whole training steps: kdcore's engine against a hand-written loop and against KD (module docstring)."""
+    from kdcore.engine import build_trainer
+    from kdcore.engine.batches import Batch
+
+    tmp = tempfile.mkdtemp()
     torch.manual_seed(0)
-    student = kdcore.create("backbone", "resnet8x4", num_classes=100)
-    teacher = kdcore.create("backbone", "resnet32x4", num_classes=100).eval().requires_grad_(False)
-    x, y, index = torch.randn(N, 3, 32, 32), torch.randint(100, (N,)), torch.randperm(50000)[:N]
-    ce, kd = kdcore.create("loss", "ce"), kdcore.create("loss", "kd", temperature=4.0)
+    torch.save({"inputs": torch.randn(2 * N, 3, 32, 32), "targets": torch.arange(2 * N) % 100},
+               os.path.join(tmp, "data.pt"))
+    teacher_state = kdcore.create("backbone", "resnet32x4", num_classes=100).state_dict()
+    torch.save({"model": teacher_state}, os.path.join(tmp, "teacher.pt"))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 3, 32, 32, generator=g), torch.randint(100, (N,), generator=g)
+    index = torch.randperm(50000, generator=g)[:N]
+    batch = Batch(x, y, index)
+    kd = build_trainer(engine_config(tmp, [{"name": "kd", "weight": 1.0, "temperature": 4.0}], True,
+                                     args.threads), None, quiet=True)
 
     def kd_step():
-        student.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            zt = teacher(x)
-        zs = student(x)
-        (ce(zs, None, y) + kd(zs, zt)).backward()
+        kd.train_step(batch)
 
-    print(f"training step, resnet32x4 -> resnet8x4, batch {N}, {torch.get_num_threads()} threads, "
-          f"{args.reps} interleaved steps each")
-    print(f"{'method':11} {'method cpu ms':>14} {'kd cpu ms':>10} {'ratio':>6} {'median':>7}")
+    kd_step()  # warm-up
+    print(f"training step, resnet32x4 -> resnet8x4, batch {N}, CPU, {torch.get_num_threads()} threads, "
+          f"process CPU time, {args.reps} interleaved steps each; ms are medians")
+    print(f"{'method':11} {'kdcore ms':>10} {'hand ms':>9} {'kd ms':>8} {'/hand fast':>11} {'/hand med':>10} "
+          f"{'paired':>7} {'/kd med':>8} {'|diff|':>9}")
     for name in args.losses.split(","):
-        loss = kdcore.create("loss", name, **({"num_data": 50000} if name == "crd" else {}))
-        loss.bind(student, teacher if loss.uses_teacher else None)
+        term = {"name": name, "weight": 1.0, **({"num_data": 50000} if name == "crd" else {})}
+        uses_teacher = name != "uskd"
+        trainer = build_trainer(engine_config(tmp, [term], uses_teacher, args.threads), None, quiet=True)
+        loss = trainer.objective.terms[1].loss  # materialised by the engine's shape-inference pass
+        # the hand-written loop: its own copies, the same weights and connectors
+        student = kdcore.create("backbone", "resnet8x4", num_classes=100)
+        student.load_state_dict(trainer.student.state_dict())
+        student.train()
+        L = copy.deepcopy(loss)
+        fs = hooked(student, L.student_taps)
+        ft: dict = {}
+        if uses_teacher:
+            teacher = kdcore.create("backbone", "resnet32x4", num_classes=100)
+            teacher.load_state_dict(teacher_state)
+            teacher.eval().requires_grad_(False)
+            ft = hooked(teacher, L.teacher_taps)
+        opt = torch.optim.SGD([{"params": list(student.parameters())},
+                               {"params": [p for p in L.parameters() if p.requires_grad]}],
+                              lr=0.05, momentum=0.9, weight_decay=5e-4)
+        plain = PLAIN[name]
 
-        def feature_step():
-            student.zero_grad(set_to_none=True)
-            loss.zero_grad(set_to_none=True)
-            to = None
-            if loss.uses_teacher:
-                with torch.no_grad(), Tapping(teacher, loss.teacher_taps) as ft:
-                    to = kdcore.Outputs(teacher(x), features=ft, index=index)
-            with Tapping(student, loss.student_taps) as fs:
-                zs = student(x)
-            (ce(zs, None, y) + loss(kdcore.Outputs(zs, features=fs, index=index), to, y)).backward()
+        def hand_step():
+            if uses_teacher:
+                with torch.no_grad():
+                    teacher(x)
+            logits = student(x)
+            value = F.cross_entropy(logits, y) + 1.0 * plain(L, fs, ft, y, logits if name == "uskd" else index)
+            value.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return value.detach()
 
-        feature_step()  # materialise the connectors
-        kd_step()
-        a, b = interleaved(feature_step, kd_step, args.reps, time.process_time)
-        print(f"{name:11} {min(a) * 1e3:14.1f} {min(b) * 1e3:10.1f} {min(a) / min(b):6.2f} "
-              f"{statistics.median(a) / statistics.median(b):7.2f}")
+        def kdcore_step():
+            trainer.train_step(batch)
+
+        torch.manual_seed(2)  # CRD's negatives: the same draw on both sides
+        a_val = float(sum(v.detach() for v in trainer.train_step(batch).values()))
+        torch.manual_seed(2)
+        b_val = float(hand_step())
+        a, b, c = interleaved([kdcore_step, hand_step, kd_step], args.reps, time.process_time)
+        ma, mb, mc = (statistics.median(t) for t in (a, b, c))
+        paired = statistics.median(u / v for u, v in zip(a, b))  # steps of one round see the same load
+        print(f"{name:11} {ma * 1e3:10.1f} {mb * 1e3:9.1f} {mc * 1e3:8.1f} {min(a) / min(b):11.3f} "
+              f"{ma / mb:10.3f} {paired:7.3f} {ma / mc:8.2f} {abs(a_val - b_val):9.2e}", flush=True)
+        del trainer, loss, L, student, opt
     return 0
 
 
@@ -266,7 +347,7 @@ def main(argv=None) -> int:
         L.load_state_dict(snapshot)
         torch.manual_seed(1)
         b_val = run_plain().item()
-        a, b = interleaved(run_kdcore, run_plain, args.reps)
+        a, b = interleaved([run_kdcore, run_plain], args.reps)
         ratio, med = min(a) / min(b), statistics.median(a) / statistics.median(b)
         print(f"{name:11} {min(a) * 1e3:10.2f} {min(b) * 1e3:10.2f} {ratio:6.2f} {med:7.2f} "
               f"{abs(a_val - b_val):9.2e}")
