@@ -22,6 +22,7 @@ import torch
 
 #: the optimizer step that is measured (1-based)
 MEASURED_STEP = 2
+_UNMEASURED = contextlib.nullcontext()
 
 
 class StepMemory:
@@ -32,12 +33,15 @@ class StepMemory:
         self.device, self.enabled = device, enabled
         self.peak_mib: float | None = None
 
-    @contextlib.contextmanager
-    def around(self, step: int) -> Iterator[None]:
-        """Wrap optimizer step number ``step`` (1-based); measures it when it is the measured one."""
+    def around(self, step: int) -> contextlib.AbstractContextManager:
+        """Wrap optimizer step number ``step`` (1-based); measures it when it is the
+        measured one (every other step gets a shared no-op context: no cost per step)."""
         if not self.enabled or step != MEASURED_STEP:
-            yield
-            return
+            return _UNMEASURED
+        return self._measure()
+
+    @contextlib.contextmanager
+    def _measure(self) -> Iterator[None]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
