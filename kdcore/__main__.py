@@ -1,5 +1,3 @@
-import sys
+from kdcore.cli import run
 
-from kdcore.cli import main
-
-sys.exit(main())
+run()

@@ -138,3 +138,16 @@ def test_rerun_into_a_finished_run_needs_overwrite(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
     assert (tmp_path / "t" / "checkpoints" / "best.pt").read_bytes() == best
     assert "--overwrite" in kdcore_cli("train", "--help").stdout
+
+
+def test_the_console_script_exits_with_mains_code_and_spares_the_teardown_its_collections(monkeypatch):
+    import gc
+
+    import kdcore.cli
+
+    frozen = []
+    monkeypatch.setattr(kdcore.cli, "main", lambda: 3)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    with pytest.raises(SystemExit) as exc:
+        kdcore.cli.run()
+    assert exc.value.code == 3 and frozen == [True]
