@@ -80,6 +80,7 @@ class RunConfig:
     compile: bool = _field(bool, False)  # torch.compile the student and the teacher
     num_workers: int = _field(int, 0, _non_negative)  # DataLoader workers
     threads: int = _field(int, 0, _non_negative)  # CPU threads for torch (0: torch's default)
+    malloc: str = _field(str, "reuse", choices=("reuse", "system"))  # reuse: glibc keeps freed memory for the next step
     eval_every: int = _field(int, 1, _positive)  # epochs between evaluations (the last always evaluates)
     log_every: int = _field(int, 50, _positive)  # steps between step-level logs
     deterministic: bool = _field(bool, True)  # deterministic algorithms (warn only); false turns on cuDNN autotuning

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcore import config as cfg
-from kdcore.engine import checkpoints, distributed, step, teacher_source
+from kdcore.engine import allocator, checkpoints, distributed, step, teacher_source
 from kdcore.engine.batches import Batch, Batches, eval_batches
 from kdcore.engine.memory import StepMemory
 from kdcore.engine.meter import Meter
@@ -61,6 +61,8 @@ class Trainer:
         self.out = Path(out_dir) if out_dir is not None else None
         if run.threads:
             torch.set_num_threads(run.threads)
+        if run.malloc == "reuse":
+            allocator.keep_freed_memory()
         if run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False

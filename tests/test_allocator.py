@@ -1,0 +1,67 @@
+"""``run.malloc``: glibc keeps freed memory for the next step instead of handing it back."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+
+import pytest
+
+import kdcore.engine.trainer
+from kdcore.engine import allocator, build_trainer
+
+GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+
+# 200 blocks of 1 MiB, freed: under glibc's defaults they are mapped one by one and unmapped
+# when freed (the resident size falls back); kept, the process holds them for reuse.
+PROBE = """
+import os, sys, torch
+from kdcore.engine.allocator import keep_freed_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+tuned = keep_freed_memory() if sys.argv[1] == "1" else False
+base = rss()
+blocks = [torch.ones(1 << 18) for _ in range(200)]
+peak = rss()
+del blocks
+print(tuned, peak - base, rss() - base)
+"""
+
+
+def _probe(tune: bool) -> tuple[str, float, float]:
+    out = subprocess.run([sys.executable, "-c", PROBE, "1" if tune else "0"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0], float(out[1]), float(out[2])
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_freed_blocks_stay_with_the_process_only_when_told():
+    tuned, grown, kept = _probe(True)
+    assert tuned == "True" and grown > 150 and kept > 0.9 * grown
+    tuned, grown, kept = _probe(False)
+    assert tuned == "False" and grown > 150 and kept < 0.2 * grown
+
+
+@pytest.mark.skipif(GLIBC, reason="for C libraries other than glibc")
+def test_other_c_libraries_are_left_alone():
+    assert allocator.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("malloc, calls", [("reuse", 1), ("system", 0)])
+def test_the_trainer_tunes_the_allocator_unless_told_not_to(monkeypatch, malloc, calls):
+    seen = []
+    monkeypatch.setattr(kdcore.engine.trainer.allocator, "keep_freed_memory", lambda: seen.append(1) or True)
+    conf = {"run": {"epochs": 1, "batch_size": 32, "malloc": malloc, "progress": "off"},
+            "data": {"name": "gaussian_mixture", "n": 200, "dim": 8, "num_classes": 3},
+            "student": {"backbone": "mlp", "hidden": [8]}, "loss": [{"name": "ce"}]}
+    build_trainer(conf, None, quiet=True)
+    assert len(seen) == calls
+
+
+def test_an_unknown_malloc_mode_is_a_config_error():
+    from kdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="run.malloc"):
+        build_trainer({"run": {"malloc": "jemalloc"}, "data": {"name": "gaussian_mixture"},
+                       "student": {"backbone": "mlp"}, "loss": [{"name": "ce"}]}, None, quiet=True)
