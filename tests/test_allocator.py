@@ -13,25 +13,34 @@ from kdcore.engine import allocator, build_trainer
 
 GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
-# 200 blocks of 1 MiB, freed: under glibc's defaults they are mapped one by one and unmapped
-# when freed (the resident size falls back); kept, the process holds them for reuse.
+# 50 blocks of 4 MiB from malloc, written, then freed, in a process without torch (whose
+# import can move glibc's dynamic threshold): under glibc's defaults they are mapped one by
+# one and unmapped when freed (the resident size falls back); kept, the process holds them.
 PROBE = """
-import os, sys, torch
-from kdcore.engine.allocator import keep_freed_memory
+import ctypes, importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("allocator", sys.argv[2])
+allocator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-tuned = keep_freed_memory() if sys.argv[1] == "1" else False
+tuned = allocator.keep_freed_memory() if sys.argv[1] == "1" else False
 base = rss()
-blocks = [torch.ones(1 << 18) for _ in range(200)]
+blocks = [libc.malloc(4 << 20) for _ in range(50)]
+for b in blocks:
+    ctypes.memset(b, 1, 4 << 20)
 peak = rss()
-del blocks
+for b in blocks:
+    libc.free(b)
 print(tuned, peak - base, rss() - base)
 """
 
 
 def _probe(tune: bool) -> tuple[str, float, float]:
-    out = subprocess.run([sys.executable, "-c", PROBE, "1" if tune else "0"], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", PROBE, "1" if tune else "0", allocator.__file__],
+                         capture_output=True, text=True, check=True).stdout.split()
     return out[0], float(out[1]), float(out[2])
 
 
