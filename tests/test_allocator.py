@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import kdcore.engine.trainer
 from kdcore.engine import allocator, build_trainer
+from kdcore.errors import ConfigError
+
+_spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
+runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(runs)
 
 GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
@@ -61,16 +68,14 @@ def test_other_c_libraries_are_left_alone():
 def test_the_trainer_tunes_the_allocator_unless_told_not_to(monkeypatch, malloc, calls):
     seen = []
     monkeypatch.setattr(kdcore.engine.trainer.allocator, "keep_freed_memory", lambda: seen.append(1) or True)
-    conf = {"run": {"epochs": 1, "batch_size": 32, "malloc": malloc, "progress": "off"},
-            "data": {"name": "gaussian_mixture", "n": 200, "dim": 8, "num_classes": 3},
-            "student": {"backbone": "mlp", "hidden": [8]}, "loss": [{"name": "ce"}]}
+    conf = runs.teacher_config()
+    conf["run"]["malloc"] = malloc
     build_trainer(conf, None, quiet=True)
     assert len(seen) == calls
 
 
 def test_an_unknown_malloc_mode_is_a_config_error():
-    from kdcore.errors import ConfigError
-
+    conf = runs.teacher_config()
+    conf["run"]["malloc"] = "jemalloc"
     with pytest.raises(ConfigError, match="run.malloc"):
-        build_trainer({"run": {"malloc": "jemalloc"}, "data": {"name": "gaussian_mixture"},
-                       "student": {"backbone": "mlp"}, "loss": [{"name": "ce"}]}, None, quiet=True)
+        build_trainer(conf, None, quiet=True)

@@ -7,10 +7,12 @@ twice that threshold lies free there. A training step allocates and frees the
 same activations every step, so each step faults the same memory in again, a
 page (4 KiB) at a time, in system time: 2% to 14% of a resnet32x4 -> resnet8x4
 training step on one CPU thread, varying with the order of the step's
-allocations and frees, and more than the whole of the engine's own work. With the mapping threshold at glibc's 64-bit maximum (32 MiB)
-and heap trimming only past 2 GiB free, blocks up to 32 MiB are reused from the
-heap; larger ones are still mapped per allocation. The process keeps its peak
-heap until it ends (what a training process does anyway).
+allocations and frees, and more than the whole of the engine's own work.
+
+With the mapping threshold at glibc's 64-bit maximum (32 MiB) and heap trimming
+only past 2 GiB free, blocks up to 32 MiB are reused from the heap; larger ones
+are still mapped per allocation. The process keeps its peak heap until it ends
+(what a training process does anyway).
 
 Only glibc (Linux) is tuned; elsewhere :func:`keep_freed_memory` does nothing.
 The settings are the process's and stay for its lifetime.
