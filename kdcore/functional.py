@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
+_LOG2E = 1.0 / math.log(2.0)
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -34,31 +35,62 @@ def log_softmax_t(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.log_softmax(scaled_logits(logits, temperature), dim=-1)
 
 
+def exp(x: Tensor, scale: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """``exp(scale * x)``, into ``out`` when given (``out=x``: in place). On the
+    CPU it is computed as ``exp2(x * scale * log2 e)``: torch's CPU ``exp`` takes
+    about 4x the time of its ``exp2`` on float32 and float64, and 15-30x where
+    results are subnormal (float32 log-probabilities below -87, common under a
+    confident teacher), which made it the largest single cost of the logit
+    losses (docs/benchmarks.md). The product's rounding adds a relative error of
+    at most ``|scale * x|`` units in the last place of ``x``'s dtype."""
+    if x.device.type == "cpu":
+        return torch.mul(x, scale * _LOG2E, out=out).exp2_()
+    if scale == 1.0:
+        return torch.exp(x, out=out)
+    return torch.mul(x, scale, out=out).exp_()
+
+
+def _shifted_exp(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, e, mass)`` of logits ``z`` (float32 at least): ``x = z - max z`` per
+    row, ``e = exp(x / T)`` and ``mass = sum e`` per row (keepdim), so that
+    ``softmax(z / T) = e / mass`` and ``log_softmax(z / T) = x / T - log mass``."""
+    z = upcast(logits)
+    x = z - z.amax(-1, keepdim=True)
+    e = exp(x, 1.0 / temperature)
+    return x, e, e.sum(-1, keepdim=True)
+
+
 def masked_where_zero(p: Tensor, x: Tensor) -> Tensor:
     """``x`` with entries where ``p == 0`` replaced by 0, gradient-safe."""
     return x.masked_fill(p == 0, 0.0)
 
 
-def _kl_terms_sum(p: Tensor, d: Tensor, mask_all: bool) -> Tensor:
-    """``sum_k p_k d_k`` per row with ``d = log p - log q``, a term being 0 where ``p_k = 0``.
+def _kl_terms_sum(p: Tensor, d: Tensor, mask_all: bool, overwrite: bool = False) -> Tensor:
+    """``sum_k p_k d_k`` per row (``d = log p - log q`` up to a per-row scale and
+    shift, ``p`` up to a per-row scale), a term being 0 where ``p_k = 0``.
 
     ``p_k * d_k`` is NaN there when ``log q_k = -inf`` (or both are ``-inf``).
     With ``mask_all`` (or off the CPU: no host synchronisation) ``d`` is zeroed
     where ``p = 0`` in place; otherwise the sum is taken unmasked and only rows
     that came out NaN are recomputed with the mask, written back into ``d``
     (a row that is NaN from NaN inputs stays NaN): a mask over every element
-    costs more on the CPU than the rest of the divergence.
+    costs more on the CPU than the rest of the divergence. ``overwrite``: ``d``
+    is not needed afterwards and holds the products on return.
     """
     if mask_all or p.device.type != "cpu":
         d.masked_fill_(p == 0, 0.0)
-        return (p * d).sum(-1)
-    out = (p * d).sum(-1)
-    if math.isnan(out.sum()):  # terms are >= 0 per row: the sum is NaN iff a row is
+        return d.mul_(p).sum(-1) if overwrite else (p * d).sum(-1)
+    terms = d.mul_(p) if overwrite else p * d
+    out = terms.sum(-1)
+    if math.isnan(out.sum()):  # NaN whenever a row is
         bad = out.isnan()
         p_bad = p[bad]
-        d_bad = d[bad].masked_fill_(p_bad == 0, 0.0)
-        d[bad] = d_bad  # masked for the gradients too
-        out[bad] = (p_bad * d_bad).sum(-1)
+        if overwrite:
+            out[bad] = terms[bad].masked_fill_(p_bad == 0, 0.0).sum(-1)
+        else:
+            d_bad = d[bad].masked_fill_(p_bad == 0, 0.0)
+            d[bad] = d_bad  # masked for the gradients too
+            out[bad] = (p_bad * d_bad).sum(-1)
     return out
 
 
@@ -70,7 +102,7 @@ class _KLRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p_logp: Tensor, q_logp: Tensor) -> Tensor:
-        p = p_logp.exp()
+        p = exp(p_logp)
         d = p_logp - q_logp
         out = _kl_terms_sum(p, d, mask_all=ctx.needs_input_grad[0])
         ctx.save_for_backward(p, d if ctx.needs_input_grad[0] else None)
@@ -95,31 +127,38 @@ class _KDRows(torch.autograd.Function):
 
     - forward KL: ``d/dz_s = T (q - p)``, ``d/dz_t = T p (log p - log q - KL)``;
     - reverse KL: ``d/dz_s = T q (log q - log p - KL)``, ``d/dz_t = T (p - q)``.
+
+    With ``a = e_a / m_a`` the "from" distribution and ``b = e_b / m_b`` the
+    other (:func:`_shifted_exp`), ``KL(a || b) = sum_k e_k (x_a - x_b)_k / (m_a T)
+    - log(m_a / m_b)``: the softmaxes are never normalised element-wise, and the
+    shifts cancel because ``sum a = 1``.
     """
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, temperature: float, reverse: bool) -> Tensor:
-        logq = log_softmax_t(student, temperature)
-        logp = log_softmax_t(teacher, temperature)
-        # the "from" distribution of the divergence and its log-ratio to the other one
-        a_log, b_log = (logq, logp) if reverse else (logp, logq)
+        s, t = _shifted_exp(student, temperature), _shifted_exp(teacher, temperature)
+        (x_a, e_a, m_a), (x_b, e_b, m_b) = (s, t) if reverse else (t, s)
         needs_d = ctx.needs_input_grad[0] if reverse else ctx.needs_input_grad[1]
-        a = a_log.exp()
-        d = a_log.sub_(b_log)
-        kl = _kl_terms_sum(a, d, mask_all=False)
+        diff = x_a.sub_(x_b)  # T (log a - log b + log(m_a / m_b))
+        m_a, m_b = m_a.squeeze(-1), m_b.squeeze(-1)
+        log_ratio = torch.log(m_a / m_b)
+        kl = _kl_terms_sum(e_a, diff, mask_all=False, overwrite=not needs_d).div_(m_a * temperature).sub_(log_ratio)
         ctx.temperature, ctx.reverse = temperature, reverse
-        ctx.save_for_backward(a, b_log, d if needs_d else None, kl if needs_d else None)
+        ctx.save_for_backward(e_a, m_a, e_b, m_b, *((diff, log_ratio.add_(kl)) if needs_d else (None, None)))
         return kl * (temperature * temperature)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        a, b_log, d, kl = ctx.saved_tensors
-        g = grad.unsqueeze(-1) * ctx.temperature
+        e_a, m_a, e_b, m_b, diff, offset = ctx.saved_tensors
+        t = ctx.temperature
+        g = grad * t
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_a, need_b = (need_s, need_t) if ctx.reverse else (need_t, need_s)
-        grad_a = (d - kl.unsqueeze(-1)).mul_(a).mul_(g) if need_a else None  # the "from" side
-        grad_b = b_log.exp().sub_(a).mul_(g) if need_b else None             # the other side
+        # the "from" side: T g a (log a - log b - KL) = (g / m_a) e_a (diff - T (log(m_a / m_b) + KL))
+        grad_a = (diff - (offset * t).unsqueeze(-1)).mul_(e_a).mul_((grad / m_a).unsqueeze(-1)) if need_a else None
+        # the other side: T g (b - a)
+        grad_b = torch.mul(e_b, (g / m_b).unsqueeze(-1)).addcmul_(e_a, (-g / m_a).unsqueeze(-1)) if need_b else None
         grad_s, grad_t = (grad_a, grad_b) if ctx.reverse else (grad_b, grad_a)
         return grad_s, grad_t, None, None
 
@@ -144,7 +183,7 @@ def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
 
 def ce_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     """Cross entropy ``-sum_k p_k log q_k`` per row, 0 where ``p_k = 0``."""
-    p = p_logp.exp()
+    p = exp(p_logp)
     return -(p * masked_where_zero(p, q_logp)).sum(-1)
 
 
@@ -168,7 +207,7 @@ def split_target(logits: Tensor, target: Tensor, temperature: float = 1.0) -> tu
     shifted = nontarget - torch.where(no_rest, 0.0, top)
     # the non-target mass relative to its largest term, in [1, C); 0 (clamped, so
     # that log and gradients stay finite) where there is none
-    mass = shifted.exp().sum(-1, keepdim=True)
+    mass = exp(shifted).sum(-1, keepdim=True)
     log_mass = mass.clamp(min=torch.finfo(mass.dtype).tiny).log()
     log_rho = shifted - log_mass
     # log((1 - p_t) / p_t), from differences only (-inf where there is no rest)
@@ -236,7 +275,7 @@ def _side(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     log_rho = x.scatter(-1, idx, float("-inf"))
     top = log_rho.amax(-1, keepdim=True)
     log_rho.sub_(top.masked_fill(torch.isneginf(top), 0.0))  # one real column: nothing to shift
-    mass = log_rho.exp().sum(-1, keepdim=True)
+    mass = exp(log_rho).sum(-1, keepdim=True)
     log_mass = mass.clamp_(min=torch.finfo(mass.dtype).tiny).log_()
     log_rho.sub_(log_mass)
     delta = (top - x_t + log_mass).squeeze(-1)  # log((1 - p_t) / p_t)
@@ -267,7 +306,7 @@ class _TargetSplit(torch.autograd.Function):
         log_qt, log_q0 = -F.softplus(s_delta), -F.softplus(-s_delta)
         log_pt, log_p0 = -F.softplus(t_delta), -F.softplus(-t_delta)
         tckd = _binary_kl(log_pt, log_p0, log_qt, log_q0)
-        t_rho = t_log_rho.exp()
+        t_rho = exp(t_log_rho)
         h = torch.special.entr(t_rho).sum(-1) if entropy else None
         d = t_log_rho.sub_(s_log_rho).scatter_(-1, idx, 0.0)  # log rho^t - log rho^s, 0 at the target
         nckd = _kl_terms_sum(t_rho, d, mask_all=False)
@@ -288,7 +327,7 @@ class _TargetSplit(torch.autograd.Function):
         # coefficient of rho^s_k (k != t) and the target's own gradient, per row
         coef = g_nc + g_tc * (p_t - q_t) - g_lq * (1 - q_t)
         at_target = g_tc * (q_t - p_t) + g_lq * (1 - q_t)
-        grad = s_log_rho.exp().mul_(coef.unsqueeze(-1)).addcmul_(t_rho, g_nc.neg().unsqueeze(-1))
+        grad = exp(s_log_rho).mul_(coef.unsqueeze(-1)).addcmul_(t_rho, g_nc.neg().unsqueeze(-1))
         grad.scatter_(-1, idx, at_target.unsqueeze(-1))
         if ctx.temperature != 1.0:
             grad.div_(ctx.temperature)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdcore.functional import IGNORE_INDEX
+from kdcore.functional import IGNORE_INDEX, exp
 
 KeptSum = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
 
@@ -157,13 +157,13 @@ def kd_chunk(student: Tensor, teacher: Tensor, temperature: float) -> tuple[Tens
         b.div_(temperature)
         a.div_(temperature)
     b.sub_(b.amax(-1, keepdim=True))
-    p = torch.exp(b)
+    p = exp(b)
     mass = p.sum(-1, keepdim=True)
     p.div_(mass)
     b.sub_(mass.log_())                       # b = log p
     value = _dot_where_positive(p, b)         # sum p log p; b is free from here on
     a.sub_(a.amax(-1, keepdim=True))
-    q = torch.exp(a, out=b)
+    q = exp(a, out=b)
     mass = q.sum(-1, keepdim=True)
     q.div_(mass)
     a.sub_(mass.log_())                       # a = log q

@@ -380,7 +380,9 @@ CHUNK_CASES = [("ce", {}), ("ce", {"label_smoothing": 0.2}), ("kd", {"temperatur
 def test_chunked_equals_unchunked(name, kw, chunk_size):
     """12 rows ([3, 4, C]) with ignored positions, including a first chunk of
     ignored rows only when chunk_size is 4: values and gradients of student and
-    (requiring grad) teacher match the unchunked evaluation."""
+    (requiring grad) teacher match the unchunked evaluation, to float32 rounding
+    (a row's exp may take the vectorised or the scalar kernel depending on where
+    it sits in the tensor, so chunks can differ in the last bit)."""
     s, t, y = inputs((3, 4, 9), seed=41, ignore_frac=0.3)
     y[0, :] = IGNORE
     full = kdcore.create("loss", name, **kw)
@@ -388,11 +390,11 @@ def test_chunked_equals_unchunked(name, kw, chunk_size):
     v1, gs1, gt1 = run_loss(full, s, t, y)
     v2, gs2, gt2 = run_loss(chunked, s, t, y)
     torch.testing.assert_close(v2, v1, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(gs2, gs1, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gs2, gs1, rtol=1e-6, atol=1e-7)
     if name == "ce":
         assert gt1 is None and gt2 is None
     else:
-        torch.testing.assert_close(gt2, gt1, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(gt2, gt1, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("chunk_size", [3, 5])

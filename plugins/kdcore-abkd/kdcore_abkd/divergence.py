@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from kdcore import params
+from kdcore.functional import exp
 
 #: stand-in for ``log 0``: finite, so that no ``inf - inf`` arises
 LOG_ZERO = -1e30
@@ -125,10 +126,11 @@ def _scaled_diff(l0: Tensor, l1: Tensor, c: float, d: Tensor, absd: Tensor,
     ``1 - e^-x = 2 t / (1 + t)`` (accurate for small ``x``, and on CPU much faster
     than ``expm1``); ``exp(l0) d`` when ``c = 0``."""
     if c == 0:
-        return torch.exp(l0, out=out).mul_(d)
+        return exp(l0, out=out).mul_(d)
     t = torch.mul(absd, abs(c) / 2).tanh_()
     t = t.div_(t + 1).copysign_(d)
-    return torch.maximum(l0, l1, out=out).exp_().mul_(t)
+    m = torch.maximum(l0, l1, out=out)
+    return exp(m, out=m).mul_(t)
 
 
 def _near(d: Tensor, ps: Tensor, coef: list[float]) -> Tensor:
@@ -167,7 +169,7 @@ def _block(lp: Tensor, lq: Tensor, plan: _Plan, out_p: Tensor | None, out_q: Ten
         u_s = _scaled_diff(la, lb, s, d, absd)
         far = torch.add(u_s, u_b, alpha=plan.lam) if plan.identity == "a" \
             else torch.add(u_a, u_s, alpha=plan.lam)
-    f = _near(d, la.exp_(), plan.series(d.dtype))
+    f = _near(d, exp(la, out=la), plan.series(d.dtype))
     if plan.identity != "series":
         f = torch.where(absd < plan.radius, f, far, out=far)
     return f.sum(-1)
