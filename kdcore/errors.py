@@ -69,7 +69,7 @@ class NonFiniteGradient(RunFailure):
     (exit 1; the last finite checkpoint is kept, as for :class:`NonFiniteLoss`)."""
 
     def __init__(self, step: int, where: str, value: float):
-        super().__init__(f"step {step}: the gradient of {where} has norm {value} (non-finite) while every loss "
+        super().__init__(f"step {step}: the gradient of {where} is not finite ({value}) while every loss "
                          "was finite; the run stopped and kept its last finite checkpoint (lower optim.lr, or "
                          "look for a loss whose gradient is not finite at that value)")
         self.step, self.where, self.value = step, where, value

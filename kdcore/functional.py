@@ -163,12 +163,32 @@ class _KDRows(torch.autograd.Function):
         return grad_s, grad_t, None, None
 
 
+#: inputs of at most this many elements take :func:`kd_rows`'s composite of native
+#: operations: at that size each operation costs more than its arithmetic, and
+#: autograd's native backward nodes less than the fused function's Python
+#: (measured inside training steps, docs/benchmarks.md)
+COMPOSITE_MAX_ELEMENTS = 1 << 15
+
+
+def _kd_rows_composite(student: Tensor, teacher: Tensor, temperature: float, reverse: bool) -> Tensor:
+    """:func:`kd_rows` through autograd: log-softmaxes, then ``sum a (log a - log b)``
+    with the terms where ``a = 0`` masked (value and gradient 0)."""
+    logq, logp = log_softmax_t(student, temperature), log_softmax_t(teacher, temperature)
+    a_log, b_log = (logq, logp) if reverse else (logp, logq)
+    a = a_log.exp()
+    return (a * (a_log - b_log).masked_fill(a == 0, 0.0)).sum(-1) * (temperature * temperature)
+
+
 def kd_rows(student: Tensor, teacher: Tensor, temperature: float, reverse: bool = False) -> Tensor:
     """``T^2 KL(softmax(teacher / T) || softmax(student / T))`` per row from
     logits (Hinton et al. 2015), value and gradients fused; the same values as
     ``T^2 * kl_rows(log_softmax_t(teacher, T), log_softmax_t(student, T))``.
     ``reverse``: ``T^2 KL(student || teacher)`` instead. Differentiable once
-    (no double backward)."""
+    (no double backward). Inputs of at most :data:`COMPOSITE_MAX_ELEMENTS`
+    elements are computed by a composite of native operations instead, with
+    the same values and gradients."""
+    if student.numel() <= COMPOSITE_MAX_ELEMENTS:
+        return _kd_rows_composite(student, teacher, float(temperature), bool(reverse))
     return _KDRows.apply(student, teacher, float(temperature), bool(reverse))
 
 

@@ -9,7 +9,8 @@ References follow the formulas of methods.md directly:
 
 with the mean over rows whose target is not -100. They use a log-softmax written
 out with a max shift in float64, never ``kdcore.functional``. Reference gradients
-come from autograd through those float64 formulas.
+come from autograd through those float64 formulas. Every test runs with both of
+``kd_rows``'s paths (the fused function and the composite of small inputs).
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ import pytest
 import torch
 
 import kdcore
+from kdcore import functional
 
 IGNORE = -100
 NEG_INF = float("-inf")
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0, 10.0]
+
+
+@pytest.fixture(autouse=True, params=["fused", "composite"])
+def kd_path(request, monkeypatch):
+    """``kd_rows`` through its fused function, or through its composite, whatever the size."""
+    monkeypatch.setattr(functional, "COMPOSITE_MAX_ELEMENTS", -1 if request.param == "fused" else 1 << 62)
+    return request.param
 
 
 # ----------------------------------------------------------------- references

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import kdcore
-from kdcore.engine.step import FiniteGuard, gradient_norms
+from kdcore.engine.step import SUMMED_MAX_TENSORS, FiniteGuard, gradient_checks, gradient_norms
 from kdcore.errors import NonFiniteGradient, NonFiniteLoss
 from kdcore.plugins import load_registry
 
@@ -72,7 +72,7 @@ def _conf(teacher, clip=None, **term):
 
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_a_non_finite_student_gradient_stops_the_run_keeping_finite_checkpoints(tmp_path, teacher, clip):
-    with pytest.raises(NonFiniteGradient, match=r"step 6: the gradient of the student's parameters has norm nan"):
+    with pytest.raises(NonFiniteGradient, match=r"step 6: the gradient of the student's parameters is not finite \(nan\)"):
         kdcore.train(_conf(teacher, clip), tmp_path, quiet=True, registry=_registry())
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4
@@ -93,7 +93,7 @@ def test_the_cli_exits_1_with_one_line(tmp_path, teacher, capsys, monkeypatch):
     monkeypatch.setattr(kdcore.cli, "_cmd_list", fail)
     assert kdcore.cli.main(["list"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "step 6: the gradient of the student's parameters has norm nan" in err[0]
+    assert len(err) == 1 and "step 6: the gradient of the student's parameters is not finite (nan)" in err[0]
 
 
 def test_gradient_norms_per_group():
@@ -101,6 +101,28 @@ def test_gradient_norms_per_group():
     a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([1.0, float("inf"), 0.0])
     norms = gradient_norms([[a], [b], [c]])
     assert norms[0] == 5.0 and math.isinf(norms[1]) and norms[2] == 0.0
+
+
+@pytest.mark.parametrize("tensors", [1, 3, SUMMED_MAX_TENSORS + 1])  # summed, and through the norm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_checks_are_non_finite_exactly_where_a_gradient_is(tensors, dtype):
+    def group(bad=None):
+        ps = [nn.Parameter(torch.zeros(4, dtype=dtype)) for _ in range(tensors)]
+        for i, p in enumerate(ps):
+            p.grad = torch.full((4,), 1e3 * (-1) ** i, dtype=dtype)  # sums that cancel, norms that do not
+        if bad is not None:
+            ps[-1].grad[1] = bad
+        return ps
+
+    empty = [nn.Parameter(torch.zeros(2))]
+    checks = gradient_checks([group(), group(float("nan")), group(float("inf")), group(float("-inf")), empty])
+    assert checks.shape == (5,)
+    assert math.isfinite(checks[0]) and checks[4] == 0.0
+    assert not checks[1:4].isfinite().any()
+    # inf and -inf in one group: a sum of nan, never a finite value
+    mixed = group(float("inf"))
+    mixed[0].grad[0] = float("-inf")
+    assert not math.isfinite(gradient_checks([mixed])[0])
 
 
 def _device_guard():
@@ -129,7 +151,7 @@ def test_device_guard_total_and_gradients():
     guard.observe_gradients(4, torch.tensor([1.0, float("nan")]))
     guard.observe(4, {"ce": torch.tensor(1.0)}, torch.tensor(1.0))
     guard.observe_gradients(5, torch.tensor([float("nan"), 1.0]))
-    with pytest.raises(NonFiniteGradient, match=r"step 4: the gradient of loss term 'x' has norm nan"):
+    with pytest.raises(NonFiniteGradient, match=r"step 4: the gradient of loss term 'x' is not finite \(nan\)"):
         guard.check()
 
 

@@ -9,6 +9,8 @@ with ignored (-100) positions, all positions ignored included.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kdcore
+from kdcore import functional
 from kdcore.testing import assert_finite_with_grads
 
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -51,19 +54,23 @@ temperatures = st.floats(0.5, 10.0)
 
 @SETTINGS
 @given(data=logit_pairs(), temperature=temperatures, chunk_size=st.sampled_from([None, 2]),
-       transforms=st.sampled_from([None, ["temperature"], [{"name": "label_smoothing", "delta": 0.1}]]))
-def test_kd_is_finite(data, temperature, chunk_size, transforms):
+       transforms=st.sampled_from([None, ["temperature"], [{"name": "label_smoothing", "delta": 0.1}]]),
+       fused=st.booleans())
+def test_kd_is_finite(data, temperature, chunk_size, transforms, fused):
     loss = kdcore.create("loss", "kd", temperature=temperature, chunk_size=chunk_size, transforms=transforms)
-    value = assert_finite_with_grads(loss, *data)
+    with mock.patch.object(functional, "COMPOSITE_MAX_ELEMENTS", -1 if fused else 1 << 62):  # kd_rows's two paths
+        value = assert_finite_with_grads(loss, *data)
     assert value >= -1e-4 * temperature ** 2  # a KL, up to float32 rounding
 
 
 @SETTINGS
 @given(data=logit_pairs(), temperature=temperatures, chunk_size=st.sampled_from([None, 2]),
-       transforms=st.sampled_from([None, ["temperature"], [{"name": "label_smoothing", "delta": 0.1}]]))
-def test_rkd_is_finite(data, temperature, chunk_size, transforms):
+       transforms=st.sampled_from([None, ["temperature"], [{"name": "label_smoothing", "delta": 0.1}]]),
+       fused=st.booleans())
+def test_rkd_is_finite(data, temperature, chunk_size, transforms, fused):
     loss = kdcore.create("loss", "rkd", temperature=temperature, chunk_size=chunk_size, transforms=transforms)
-    value = assert_finite_with_grads(loss, *data)
+    with mock.patch.object(functional, "COMPOSITE_MAX_ELEMENTS", -1 if fused else 1 << 62):  # kd_rows's two paths
+        value = assert_finite_with_grads(loss, *data)
     assert value >= -1e-4 * temperature ** 2
 
 

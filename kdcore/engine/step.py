@@ -175,6 +175,35 @@ def gradient_norms(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
     return torch.stack([zero if n is None else n.to(zero.device) for n in norms])
 
 
+#: a group of at most this many gradients is checked by one sum per tensor, a
+#: larger one (or a sharded one) by its fused norm, which takes fewer operations
+SUMMED_MAX_TENSORS = 16
+
+
+def gradient_checks(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
+    """A value per group of parameters ``[len(groups)]`` that is non-finite where
+    the group's gradient has a non-finite element (or is so large that it
+    overflows), 0 for a group without gradients: the sum of every element for a
+    few plain tensors (half the time of the norm on the CPU, docs/benchmarks.md),
+    else the group's :func:`gradient_norms`. For the finiteness guard where
+    nothing clips."""
+    values = []
+    for ps in groups:
+        grads = [p.grad for p in ps if p.grad is not None]
+        if len(grads) > SUMMED_MAX_TENSORS or any(hasattr(g, "full_tensor") for g in grads):
+            values.append(gradient_norms([ps]))
+        elif grads:
+            values.append(torch.stack([g.sum(dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16)
+                                       else g.sum() for g in grads]).sum().reshape(1))
+        else:
+            values.append(None)
+    found = [v for v in values if v is not None]
+    if not found:
+        return torch.zeros(len(groups))
+    zero = torch.zeros(1, device=found[0].device, dtype=found[0].dtype)
+    return torch.cat([zero if v is None else v.to(zero) for v in values])
+
+
 def clip_gradients(groups: Sequence[Sequence[nn.Parameter]], max_norm: float,
                    norms: Tensor | None = None) -> Tensor:
     """Clip the global gradient norm over every group (student and loss terms,
@@ -194,7 +223,8 @@ class FiniteGuard:
     non-finite gradient while its losses were finite.
 
     ``terms`` are the objective's term ids and ``groups`` the names of the
-    parameter groups whose gradient norms :meth:`observe_gradients` receives
+    parameter groups whose gradient norms (or :func:`gradient_checks`)
+    :meth:`observe_gradients` receives
     (the student, each loss term with parameters). On the CPU each step is
     checked as it ends (no cost: there is no device to wait for), naming the
     term or the group. On an accelerator the steps never wait for the host:
@@ -213,7 +243,7 @@ class FiniteGuard:
         self._term_index: dict[tuple[str, ...], Tensor] = {}
 
     def observe_gradients(self, step: int, norms: Tensor) -> None:
-        """Record the gradient norms ``[len(groups)]`` of step ``step`` (before its losses)."""
+        """Record the gradient norms (or checks) ``[len(groups)]`` of step ``step`` (before its losses)."""
         if self.eager:
             if not math.isfinite(float(norms.sum())):
                 i = int((~torch.isfinite(norms)).nonzero()[0])

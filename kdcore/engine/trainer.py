@@ -329,7 +329,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if clip or self.scaler is None:  # fp16's scaler skips steps with non-finite gradients itself
             groups = list(self.grad_groups.values())
-            norms = step.gradient_norms(groups)
+            norms = step.gradient_norms(groups) if clip else step.gradient_checks(groups)
             if self.scaler is None:
                 self.guard.observe_gradients(self.step + 1, norms)
             if clip:
