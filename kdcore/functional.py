@@ -143,8 +143,9 @@ class _KDRows(torch.autograd.Function):
         m_a, m_b = m_a.squeeze(-1), m_b.squeeze(-1)
         log_ratio = torch.log(m_a / m_b)
         kl = _kl_terms_sum(e_a, diff, mask_all=False, overwrite=not needs_d).div_(m_a * temperature).sub_(log_ratio)
+        offset = log_ratio.add_(kl) if needs_d else None  # log(m_a / m_b) + KL, for the "from" side's gradient
         ctx.temperature, ctx.reverse = temperature, reverse
-        ctx.save_for_backward(e_a, m_a, e_b, m_b, *((diff, log_ratio.add_(kl)) if needs_d else (None, None)))
+        ctx.save_for_backward(e_a, m_a, e_b, m_b, diff if needs_d else None, offset)
         return kl * (temperature * temperature)
 
     @staticmethod

@@ -195,8 +195,8 @@ class LogitLoss(nn.Module):
         if self.batch_level:
             keep = None if y is None else y != IGNORE_INDEX
             return self._batch(kept_rows(s, keep), _kept_logits(t, keep), None if y is None else y[keep])
-        kept = None
-        if y is not None and y.device.type == "cpu":  # the count costs no device sync here
+        kept = s.shape[0] if y is None else None  # the kept rows, where known on the host
+        if y is not None and y.device.type == "cpu":  # counting them costs no device sync here
             kept = int((y != IGNORE_INDEX).sum())
             if kept == y.shape[0] and not self.uses_target and not self.transforms:
                 y = None  # every row is kept and nothing reads the labels: the sum needs no mask
@@ -205,8 +205,8 @@ class LogitLoss(nn.Module):
         else:
             total, _ = fused_kept_sum(self.kept_sum, self.chunk_size, (s, None),
                                       None if t is None else (t, None), y)
-        if y is None or kept is not None:
-            return total / max(s.shape[0] if kept is None else kept, 1)
+        if kept is not None:
+            return total / max(kept, 1)
         return total / (y != IGNORE_INDEX).sum(dtype=total.dtype).clamp_(min=1)
 
     def _check_inputs(self, teacher, target) -> None:

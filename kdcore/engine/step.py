@@ -163,16 +163,22 @@ def _local_norm(grads: list[Tensor]) -> Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
+def _per_group(groups: Sequence[Sequence[nn.Parameter]], value) -> Tensor:
+    """``value(grads)`` of each group's gradients ``[len(groups)]``, 0 for a group
+    without gradients, on the gradients' device."""
+    values = [value(g) if g else None for g in ([p.grad for p in ps if p.grad is not None] for ps in groups)]
+    found = [v for v in values if v is not None]
+    if not found:
+        return torch.zeros(len(groups))
+    zero = torch.zeros((), device=found[0].device, dtype=found[0].dtype)
+    return torch.stack([zero if v is None else v.to(zero) for v in values])
+
+
 def gradient_norms(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
     """The gradient norm of each group of parameters ``[len(groups)]`` (sharded
     gradients reduced over the ranks), 0 for a group without gradients: one
     fused norm per group, on the gradients' device."""
-    norms = [_local_norm(g) if g else None for g in ([p.grad for p in ps if p.grad is not None] for ps in groups)]
-    found = [n for n in norms if n is not None]
-    if not found:
-        return torch.zeros(len(groups))
-    zero = torch.zeros((), device=found[0].device, dtype=found[0].dtype)
-    return torch.stack([zero if n is None else n.to(zero.device) for n in norms])
+    return _per_group(groups, _local_norm)
 
 
 #: a group of at most this many gradients is checked by one sum per tensor, a
@@ -180,28 +186,20 @@ def gradient_norms(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
 SUMMED_MAX_TENSORS = 16
 
 
+def _finite_check(grads: list[Tensor]) -> Tensor:
+    if len(grads) > SUMMED_MAX_TENSORS or any(hasattr(g, "full_tensor") for g in grads):
+        return _local_norm(grads)
+    low = (torch.float16, torch.bfloat16)
+    return torch.stack([g.sum(dtype=torch.float32) if g.dtype in low else g.sum() for g in grads]).sum()
+
+
 def gradient_checks(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
     """A value per group of parameters ``[len(groups)]`` that is non-finite where
     the group's gradient has a non-finite element (or is so large that it
     overflows), 0 for a group without gradients: the sum of every element for a
     few plain tensors (half the time of the norm on the CPU, docs/benchmarks.md),
-    else the group's :func:`gradient_norms`. For the finiteness guard where
-    nothing clips."""
-    values = []
-    for ps in groups:
-        grads = [p.grad for p in ps if p.grad is not None]
-        if len(grads) > SUMMED_MAX_TENSORS or any(hasattr(g, "full_tensor") for g in grads):
-            values.append(gradient_norms([ps]))
-        elif grads:
-            values.append(torch.stack([g.sum(dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16)
-                                       else g.sum() for g in grads]).sum().reshape(1))
-        else:
-            values.append(None)
-    found = [v for v in values if v is not None]
-    if not found:
-        return torch.zeros(len(groups))
-    zero = torch.zeros(1, device=found[0].device, dtype=found[0].dtype)
-    return torch.cat([zero if v is None else v.to(zero) for v in values])
+    else the group's norm. For the finiteness guard where nothing clips."""
+    return _per_group(groups, _finite_check)
 
 
 def clip_gradients(groups: Sequence[Sequence[nn.Parameter]], max_norm: float,
