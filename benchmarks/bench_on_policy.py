@@ -28,7 +28,7 @@ import torch
 
 from kdcore import create
 from kdcore.engine import build_trainer
-from kdcore.policy import StepContext
+from kdcore.losses.policy import StepContext
 
 MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2}

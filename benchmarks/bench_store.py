@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 
 import kdcore
-from kdcore import store
-from kdcore.capture import capture
 from kdcore.engine import build_trainer
 from kdcore.engine.batches import epoch_generator
+from kdcore.engine.capture import capture
+from kdcore.signals import store
 
 DATA = {"name": "synthetic_lm", "n": 1024, "length": 32, "vocab_size": 256, "states": 24}
 LLAMA = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2}

@@ -3,19 +3,38 @@
 >>> import kdcore
 >>> kdcore.available("loss")          # doctest: +SKIP
 >>> loss = kdcore.create("loss", "kd", temperature=4.0)
+
+The package is layered (docs/architecture.md): :mod:`kdcore.common` at the
+bottom, then :mod:`kdcore.plugins`, :mod:`kdcore.losses` and
+:mod:`kdcore.data`, :mod:`kdcore.signals`, :mod:`kdcore.config` and
+:mod:`kdcore.builtin`, :mod:`kdcore.engine`, and :mod:`kdcore.cli` and
+:mod:`kdcore.testing` on top.
 """
 
-__version__ = "0.1.0"
-
-from kdcore.api import available, create
-from kdcore.errors import ConfigError, PluginError, UnknownComponentError
-from kdcore.hookspecs import hookimpl
-from kdcore.losses import LogitLoss
-from kdcore.outputs import Outputs
-from kdcore.plugins import reload_plugins
+from kdcore.common import aliases
+from kdcore.common.errors import ConfigError, PluginError, UnknownComponentError
+from kdcore.common.version import VERSION as __version__
+from kdcore.losses import LogitLoss, Outputs
+from kdcore.plugins import available, create, hookimpl, reload_plugins
 
 __all__ = ["__version__", "available", "create", "train", "hookimpl", "ConfigError", "PluginError",
            "UnknownComponentError", "LogitLoss", "Outputs", "reload_plugins"]
+
+#: module paths of kdcore 0.1, before the layered packages: each still imports
+aliases.install(__name__, {
+    "errors": ["kdcore.common.errors"],
+    "params": ["kdcore.common.params"],
+    "hookspecs": ["kdcore.plugins.hookspecs"],
+    "functional": ["kdcore.losses.functional", "kdcore.losses.divergences"],
+    "fused": ["kdcore.losses.fused"],
+    "outputs": ["kdcore.losses.outputs"],
+    "schedule": ["kdcore.losses.schedule"],
+    "weighting": ["kdcore.losses.weighting"],
+    "policy": ["kdcore.losses.policy"],
+    "store": ["kdcore.signals.store"],
+    "capture": ["kdcore.engine.capture"],
+    "demo": ["kdcore.cli.demo"],
+})
 
 
 def __getattr__(name: str):

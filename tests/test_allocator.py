@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import kdcore.engine.trainer
+from kdcore.common.errors import ConfigError
 from kdcore.engine import allocator, build_trainer
-from kdcore.errors import ConfigError
+import kdcore.engine.trainer
 
 _spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
 runs = importlib.util.module_from_spec(_spec)
@@ -67,7 +67,7 @@ def test_other_c_libraries_are_left_alone():
 @pytest.mark.parametrize("malloc, calls", [("reuse", 1), ("system", 0)])
 def test_the_trainer_tunes_the_allocator_unless_told_not_to(monkeypatch, malloc, calls):
     seen = []
-    monkeypatch.setattr(kdcore.engine.trainer.allocator, "keep_freed_memory", lambda: seen.append(1) or True)
+    monkeypatch.setattr(kdcore.engine.runtime.allocator, "keep_freed_memory", lambda: seen.append(1) or True)
     conf = runs.teacher_config()
     conf["run"]["malloc"] = malloc
     build_trainer(conf, None, quiet=True)

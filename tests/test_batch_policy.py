@@ -1,4 +1,4 @@
-"""The batch-policy seam (kdcore.policy): a registered ``[batch_policy]`` replaces each
+"""The batch-policy seam (kdcore.losses.policy): a registered ``[batch_policy]`` replaces each
 step's batch before the forward passes, once per optimizer step, with random numbers
 from the run's seed and the step only."""
 
@@ -17,9 +17,9 @@ import torch
 import kdcore
 from kdcore.engine import build_trainer
 from kdcore.engine.trainer import Trainer
+from kdcore.losses.policy import DECIDE, BatchPolicy, StepContext
+from kdcore.losses.schedule import Progress
 from kdcore.plugins import load_registry
-from kdcore.policy import DECIDE, BatchPolicy, StepContext
-from kdcore.schedule import Progress
 
 _spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
 runs = importlib.util.module_from_spec(_spec)
@@ -81,7 +81,7 @@ def _trained(conf):
 def test_the_kind_is_registered():
     reg = _registry()
     assert reg.available("batch_policy") == ["teacher_labels"]
-    assert "batch_policy" in kdcore.hookspecs.KINDS
+    assert "batch_policy" in kdcore.plugins.hookspecs.KINDS
 
 
 def test_a_policy_that_keeps_the_batch_is_an_ordinary_run_bitwise(teacher):

@@ -3,7 +3,7 @@ registry-parametrised check that every built-in component can be created with it
 defaults and follows its kind's call convention.
 
 References are written here in float64 from the definitions (methods.md and the
-components' docstrings), never through ``kdcore.functional``.
+components' docstrings), never through ``kdcore.losses.functional``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from torch import nn
 
 import kdcore
 from kdcore.data import DataSplits, TensorSplit
+from kdcore.losses.schedule import Progress
 from kdcore.plugins import BUILTIN, default_registry
-from kdcore.schedule import Progress
-from kdcore.testing import random_logits, random_targets
 from kdcore.testing import random_logits, random_targets
 
 NEG_INF = float("-inf")
@@ -474,7 +473,7 @@ def test_builtin_component_with_defaults(kind, name, tmp_path):
 
 
 def test_warmup_is_dkds_epochwise_ramp():
-    from kdcore.schedule import Progress
+    from kdcore.losses.schedule import Progress
 
     s = kdcore.create("scheduler", "warmup")
     assert s.epochs == 20

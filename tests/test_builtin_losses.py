@@ -8,7 +8,7 @@ References follow the formulas of methods.md directly:
 - ``rkd``: ``T^2 KL(q^T || p^T)``;
 
 with the mean over rows whose target is not -100. They use a log-softmax written
-out with a max shift in float64, never ``kdcore.functional``. Reference gradients
+out with a max shift in float64, never ``kdcore.losses.functional``. Reference gradients
 come from autograd through those float64 formulas. Every test runs with both of
 ``kd_rows``'s paths (the fused function and the composite of small inputs).
 """
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kdcore
-from kdcore import functional
+from kdcore.losses import functional
 
 IGNORE = -100
 NEG_INF = float("-inf")
@@ -572,7 +572,7 @@ def test_gradient_scale_is_kept_across_temperatures(name):
 
 def test_split_target_with_one_real_column_has_finite_grads():
     """A row whose only finite column is the target: log(1 - p_t) = -inf, grads 0 not NaN."""
-    from kdcore.functional import split_target
+    from kdcore.losses.functional import split_target
     z = torch.tensor([[2.0, float("-inf"), float("-inf")], [0.5, 1.0, float("-inf")]], requires_grad=True)
     log_b, log_rho = split_target(torch.log_softmax(z, -1), torch.tensor([0, 1]))
     assert log_b[0, 1] == float("-inf") and log_b[0, 0] == 0
@@ -585,7 +585,7 @@ def test_split_target_with_one_real_column_has_finite_grads():
 @pytest.mark.parametrize("teacher_grad", [False, True])
 def test_kl_rows_zero_probability_terms_and_nan_inputs(teacher_grad):
     """Rows with p = 0 where log q = -inf are exact; NaN inputs stay NaN."""
-    from kdcore.functional import kl_rows
+    from kdcore.losses.functional import kl_rows
     inf = float("inf")
     p_logits = torch.tensor([[0.0, -inf, 1.0], [0.0, -200.0, 1.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
     q_logits = torch.tensor([[1.0, -inf, 0.0], [1.0, -inf, 0.0], [0.0, 1.0, 2.0], [0.0, float("nan"), 2.0]])
@@ -607,7 +607,7 @@ def test_kl_rows_zero_probability_terms_and_nan_inputs(teacher_grad):
 @pytest.mark.parametrize("gap", [1e4, 1e8, 1e30])
 def test_split_target_keeps_non_target_gaps_when_p_t_rounds_to_one(gap):
     """log p would lose the non-target gaps in float32; split_target works from the logits."""
-    from kdcore.functional import split_target
+    from kdcore.losses.functional import split_target
     z = torch.tensor([[gap, 1.0, 0.0], [2.0, 1.0, -gap]])
     log_b, log_rho = split_target(z, torch.tensor([0, 2]), temperature=1.0)
     e = math.e
@@ -618,7 +618,7 @@ def test_split_target_keeps_non_target_gaps_when_p_t_rounds_to_one(gap):
 
 
 def test_split_target_temperature_and_log_probabilities_agree_with_logits():
-    from kdcore.functional import split_target
+    from kdcore.losses.functional import split_target
     z = 3 * torch.randn(5, 7, dtype=torch.float64)
     y = torch.tensor([0, 3, 6, 2, 2])
     a = split_target(z, y, temperature=2.5)

@@ -15,9 +15,9 @@ import tomli_w
 import torch
 
 import kdcore
-from kdcore import store
-from kdcore.capture import capture
 from kdcore.engine import build_trainer
+from kdcore.engine.capture import capture
+from kdcore.signals import store
 
 spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).parent / "helpers_runs.py")
 runs = importlib.util.module_from_spec(spec)

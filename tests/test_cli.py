@@ -143,11 +143,11 @@ def test_rerun_into_a_finished_run_needs_overwrite(tmp_path):
 def test_the_console_script_exits_with_mains_code_and_spares_the_teardown_its_collections(monkeypatch):
     import gc
 
-    import kdcore.cli
+    import kdcore.cli.commands
 
     frozen = []
-    monkeypatch.setattr(kdcore.cli, "main", lambda: 3)
+    monkeypatch.setattr(kdcore.cli.commands, "main", lambda: 3)
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
     with pytest.raises(SystemExit) as exc:
-        kdcore.cli.run()
+        kdcore.cli.commands.run()
     assert exc.value.code == 3 and frozen == [True]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdcore import config as cfg
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 from kdcore.plugins import default_registry
 
 BASE = """

@@ -1,4 +1,4 @@
-"""The demos' shared presentation (kdcore.demo) and plugin demos (``register_demos``).
+"""The demos' shared presentation (kdcore.cli.demo) and plugin demos (``register_demos``).
 
 The gaussian_mixture demo itself runs end to end in tests/test_cli.py.
 """
@@ -10,8 +10,8 @@ import types
 import pytest
 
 import kdcore
-from kdcore.demo import closer, find_demo, format_table, plugin_demos, run_demo, sort_groups, verdict
-from kdcore.errors import ConfigError
+from kdcore.cli.demo import closer, find_demo, format_table, plugin_demos, run_demo, sort_groups, verdict
+from kdcore.common.errors import ConfigError
 from kdcore.plugins import load_registry
 
 

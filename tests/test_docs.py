@@ -64,11 +64,11 @@ def test_site_builds_strictly(tmp_path):
     api = (tmp_path / "site" / "reference" / "api.html").read_text()
     assert "kdcore.create" in api and "LogitLoss" in api  # mkdocstrings rendered the docstrings
     hooks = (tmp_path / "site" / "reference" / "hooks.html").read_text()
-    from kdcore import hookspecs
+    from kdcore.plugins import hookspecs
 
     for name in vars(hookspecs):
         if getattr(getattr(hookspecs, name), "kdcore_spec", None) is not None:
-            assert f'id="kdcore.hookspecs.{name}"' in hooks, f"the hook reference lacks {name}"
+            assert f'id="kdcore.plugins.hookspecs.{name}"' in hooks, f"the hook reference lacks {name}"
 
 
 def _reference():
@@ -149,7 +149,8 @@ BASE = {"data": {"name": "gaussian_mixture"}, "student": {"backbone": "mlp"}, "l
 @pytest.mark.parametrize("block", TOML, ids=_id)
 def test_toml_block(block):
     """A config, or a part of one completed with BASE, loads and names installed components."""
-    from kdcore.config import _SECTIONS, check_components, from_dict
+    from kdcore.config import check_components, from_dict
+    from kdcore.config.parse import _SECTIONS
     from kdcore.plugins import default_registry
 
     raw = tomllib.loads(block.code)
@@ -178,7 +179,7 @@ def _commands():
 
 @pytest.fixture(scope="module")
 def parser():
-    from kdcore.cli import _add_plugin_commands, build_parser
+    from kdcore.cli.commands import _add_plugin_commands, build_parser
 
     parser, sub = build_parser()
     _add_plugin_commands(sub)

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import kdcore
+from kdcore.common.errors import ConfigError
 from kdcore.engine import build_trainer
 from kdcore.engine import loop
 from kdcore.engine.batches import Batch
 from kdcore.engine.trainer import Trainer
-from kdcore.errors import ConfigError
-from kdcore.weighting import GradientWeighting, Update
+from kdcore.losses.weighting import GradientWeighting, Update
 
 _spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
 runs = importlib.util.module_from_spec(_spec)

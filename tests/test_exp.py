@@ -1,4 +1,4 @@
-"""kdcore.functional.exp: exp(scale * x) through exp2 on the CPU, checked
+"""kdcore.losses.functional.exp: exp(scale * x) through exp2 on the CPU, checked
 against float64 exp (and the special values) on every range the losses meet."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kdcore.functional import exp
+from kdcore.losses.functional import exp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

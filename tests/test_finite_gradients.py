@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import kdcore
-from kdcore.engine.step import SUMMED_MAX_TENSORS, FiniteGuard, gradient_checks, gradient_norms
-from kdcore.errors import NonFiniteGradient, NonFiniteLoss
+from kdcore.common.errors import NonFiniteGradient, NonFiniteLoss
+from kdcore.engine.gradients import SUMMED_MAX_TENSORS, FiniteGuard, gradient_checks, gradient_norms
 from kdcore.plugins import load_registry
 
 _spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
@@ -90,7 +90,7 @@ def test_the_cli_exits_1_with_one_line(tmp_path, teacher, capsys, monkeypatch):
     def fail(args):
         raise NonFiniteGradient(6, "the student's parameters", math.nan)
 
-    monkeypatch.setattr(kdcore.cli, "_cmd_list", fail)
+    monkeypatch.setattr(kdcore.cli.commands, "_cmd_list", fail)
     assert kdcore.cli.main(["list"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step 6: the gradient of the student's parameters is not finite (nan)" in err[0]

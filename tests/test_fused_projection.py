@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import kdcore
-from kdcore.fused import head_parameters
 from kdcore.losses import LogitLoss
+from kdcore.losses.fused import head_parameters
 from kdcore.plugins import default_registry
 
 B, T, H, V = 3, 7, 5, 11
@@ -277,9 +277,9 @@ class PaddedHead(nn.Module):
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("head", ["linear", "softcap", "tied", "padded"])
 def test_lean_kd_chunk_equals_dense_with_a_frozen_teacher(monkeypatch, head, temperature):
-    """kd with a frozen teacher goes through kdcore.fused.kd_chunk and gives the dense
+    """kd with a frozen teacher goes through kdcore.losses.fused.kd_chunk and gives the dense
     value and gradients (student hidden states and head) in float64."""
-    import kdcore.fused as fused
+    import kdcore.losses.fused as fused
 
     calls = []
     real = fused.kd_chunk
@@ -293,7 +293,7 @@ def test_lean_kd_chunk_equals_dense_with_a_frozen_teacher(monkeypatch, head, tem
 
 def test_lean_kd_chunk_is_not_used_where_it_does_not_apply(monkeypatch):
     """A trainable teacher, another divergence, transforms and rkd take the general chunk."""
-    import kdcore.fused as fused
+    import kdcore.losses.fused as fused
 
     monkeypatch.setattr(fused, "kd_chunk", lambda *a: pytest.fail("lean path taken"))
     hs, ht, s_head, t_head, target = models()
@@ -338,7 +338,7 @@ def _kd_reference(student, teacher, temperature):
 
 
 def test_kd_chunk_against_the_equation():
-    from kdcore.fused import kd_chunk
+    from kdcore.losses.fused import kd_chunk
 
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(6, 9, generator=g, dtype=torch.float64) * 3, torch.randn(6, 9, generator=g, dtype=torch.float64)
@@ -356,7 +356,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 @given(scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4, 1e8]), temperature=st.sampled_from([0.5, 1.0, 4.0]),
        seed=st.integers(0, 2 ** 16))
 def test_kd_chunk_is_finite_on_extreme_float32_inputs(scale, temperature, seed):
-    from kdcore.fused import kd_chunk
+    from kdcore.losses.fused import kd_chunk
 
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(5, 13, generator=g) * scale

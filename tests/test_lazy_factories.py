@@ -10,13 +10,13 @@ import types
 import pytest
 import torch
 
-from kdcore.errors import PluginError
-from kdcore.hookspecs import hookimpl
+from kdcore.common.errors import PluginError
 from kdcore.plugins import PluginWarning, load_registry
+from kdcore.plugins.hookspecs import hookimpl
 
 #: modules that ``kdcore --help``, ``kdcore list`` and ``kdcore plugins`` must not import
 HEAVY = ("torchvision", "tensorboard", "torch.utils.tensorboard", "transformers", "scipy", "matplotlib",
-         "sklearn", "pandas", "kdcore.engine", "kdcore.demo")
+         "sklearn", "pandas", "kdcore.engine", "kdcore.cli.demo")
 
 
 def _plugin(name: str, target) -> types.ModuleType:

@@ -19,11 +19,11 @@ import tomli_w
 import torch
 
 import kdcore
+from kdcore.common.errors import NonFiniteLoss
 from kdcore.engine import build_trainer
 from kdcore.engine.batches import Batch
 from kdcore.engine.distributed import Dist
 from kdcore.engine.step import micro_weights
-from kdcore.errors import NonFiniteLoss
 
 
 def _load(name):

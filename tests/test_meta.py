@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcore import hookspecs
+from kdcore.plugins import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = sorted(name for name, fn in vars(hookspecs).items()

@@ -117,11 +117,11 @@ def test_unknown_tap_path_names_the_term_and_close_matches(teacher, registry):
 def test_teacher_features_carry_no_gradient_and_only_named_modules_are_hooked(teacher, registry):
     trainer = build_trainer(hint_config(teacher), None, quiet=True, registry=registry)
     batch = next(iter(trainer.batches.epoch(torch.Generator().manual_seed(0))))
-    s, t = trainer._outputs(batch, trainer.objective.terms, trainer.model)
+    s, t = trainer.forward(batch, trainer.objective.terms, trainer.model)
     assert list(s.features) == ["net.2"] and list(t.features) == ["net.2"]
     assert s.features["net.2"].requires_grad and not t.features["net.2"].requires_grad
     assert torch.equal(s.index, batch.index) and t.index is batch.index
-    plain, _ = trainer._outputs(batch, trainer.objective.terms[:1], trainer.model)  # ce only: no taps
+    plain, _ = trainer.forward(batch, trainer.objective.terms[:1], trainer.model)  # ce only: no taps
     assert plain.features == {}
     trainer.train_step(batch)
     hint = trainer.objective.modules["hint"]

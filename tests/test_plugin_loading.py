@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import kdcore
-from kdcore.errors import DuplicateComponentError, PluginError
+from kdcore.common.errors import DuplicateComponentError, PluginError
 from kdcore.plugins import PluginWarning, load_registry
 
 GOOD = """

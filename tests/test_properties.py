@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import kdcore
-from kdcore import functional
+from kdcore.losses import functional
 from kdcore.testing import assert_finite_with_grads
 
 SETTINGS = settings(max_examples=50, deadline=None)

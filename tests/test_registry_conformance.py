@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import kdcore
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits, TensorSplit
+from kdcore.losses.weighting import GradientWeighting, Update
 from kdcore.plugins import load_registry
 from kdcore.testing import (CHECKED_KINDS, assert_finite_with_grads, check_backbone, check_component,
                             check_dataset, check_divergence, check_logit_loss, check_outputs_loss, check_schedule,
                             check_transform, check_weighting, extreme_batches)
-from kdcore.weighting import GradientWeighting, Update
 
 #: backbones with more parameters than this are checked for shapes only (built on the meta device)
 FULL_CHECK_PARAMETERS = 1_000_000

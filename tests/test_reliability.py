@@ -22,13 +22,14 @@ import pytest
 import tomli_w
 import torch
 
-import kdcore
 from kdcore import config as cfg
+import kdcore
 from kdcore.cli import main
-from kdcore.engine.models import check_resume, load_checkpoint
-from kdcore.engine.rundir import LOCK_FILE, JsonLines, RunDir, RunLock, atomic_torch_save, atomic_write
-from kdcore.env import env_flag
-from kdcore.errors import ConfigError, DamagedCheckpoint, NonFiniteLoss
+from kdcore.common.env import env_flag
+from kdcore.common.errors import ConfigError, DamagedCheckpoint, NonFiniteLoss
+from kdcore.common.files import atomic_torch_save, atomic_write
+from kdcore.engine.checkpoints import check_resume, load_checkpoint
+from kdcore.engine.rundir import LOCK_FILE, JsonLines, RunDir, RunLock
 from kdcore.plugins import PluginWarning, load_registry
 
 _spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
@@ -118,7 +119,7 @@ def test_2_non_finite_loss_exits_1_with_one_line(capsys, monkeypatch, tmp_path):
     def diverged(args):
         raise NonFiniteLoss(12, "ce", float("nan"))
 
-    monkeypatch.setattr(kdcore.cli, "_cmd_list", diverged)
+    monkeypatch.setattr(kdcore.cli.commands, "_cmd_list", diverged)
     code, err = cli(capsys, "list")
     assert code == 1 and "step 12: loss term 'ce' is nan" in one_line(err)
 
@@ -417,7 +418,7 @@ def test_10_debug_false_shows_no_traceback_and_odd_values_exit_2(capsys, monkeyp
     def boom(args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(kdcore.cli, "_cmd_list", boom)
+    monkeypatch.setattr(kdcore.cli.commands, "_cmd_list", boom)
     monkeypatch.setenv("KDCORE_DEBUG", "false")
     code, err = cli(capsys, "list")
     assert code == 1 and "Traceback" not in err and "boom" in err
@@ -452,7 +453,7 @@ def test_10_environment_values_from_the_command_line():
 def test_11_sigterm_in_process_exits_143_with_a_message(capsys, monkeypatch):
     import kdcore.cli
 
-    monkeypatch.setattr(kdcore.cli, "_cmd_list", lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(kdcore.cli.commands, "_cmd_list", lambda args: os.kill(os.getpid(), signal.SIGTERM))
     code, err = cli(capsys, "list")
     assert code == 143 and "terminated by SIGTERM" in one_line(err) and "--resume" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -524,7 +525,7 @@ def test_14_huge_widths_are_refused_naming_the_key(capsys, tmp_path):
 
 
 def test_14_a_model_no_memory_holds_is_a_config_error(capsys, tmp_path):
-    from kdcore.engine.models import build_model
+    from kdcore.engine.models import build_backbone
 
     class Registry:  # a backbone whose allocation fails, as torch reports it
         def get(self, kind, name):
@@ -535,7 +536,7 @@ def test_14_a_model_no_memory_holds_is_a_config_error(capsys, tmp_path):
 
     data = kdcore.create("dataset", "gaussian_mixture", n=60)
     with pytest.raises(ConfigError, match=r"^student: backbone 'mlp' with these parameters needs more memory"):
-        build_model(cfg.ModelConfig("mlp"), "student", data, Registry(), None)
+        build_backbone(cfg.ModelConfig("mlp"), "student", data, Registry(), None)
 
 
 def test_14_config_files_over_the_size_limit_are_refused(tmp_path):

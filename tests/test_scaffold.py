@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from kdcore.cli import main
-from kdcore.scaffold import render
-from kdcore.scaffold_templates import KINDS
+from kdcore.cli.scaffold import KINDS
+from kdcore.cli.scaffold import render
 
 NAMES = {kind: f"sc-{kind}" for kind in KINDS}  # distribution kdcore-sc-KIND, entry point sc_KIND
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import kdcore
-from kdcore import buckets, fingerprint, store
-from kdcore.capture import capture
+from kdcore.data import fingerprint
 from kdcore.engine import build_trainer
+from kdcore.engine.capture import capture
 from kdcore.engine.teacher_source import CachedTeacher, _Rows
+from kdcore.signals import buckets
+from kdcore.signals import store
 
 spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).parent / "helpers_runs.py")
 runs = importlib.util.module_from_spec(spec)

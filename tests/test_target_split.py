@@ -1,4 +1,4 @@
-"""``kdcore.functional.target_split_terms`` (fused target / non-target split) against a
+"""``kdcore.losses.functional.target_split_terms`` (fused target / non-target split) against a
 plain float64 reference written from TAND paper eq. 3-5 and 7, and its general path."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcore.functional import target_split_terms
+from kdcore.losses.functional import target_split_terms
 
 
 def reference(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float):

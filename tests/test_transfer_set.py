@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
+from kdcore.common.errors import ConfigError
 from kdcore.config import from_dict, to_dict
 from kdcore.engine import train
 from kdcore.engine.objective import Objective
-from kdcore.errors import ConfigError
-from kdcore.outputs import Outputs
+from kdcore.losses.outputs import Outputs
 from kdcore.plugins import default_registry
 
 

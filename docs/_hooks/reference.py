@@ -159,7 +159,7 @@ def _component_section(name: str, cls: type, note: str) -> list[str]:
 
 
 def _signature_rows(factory) -> list[tuple[str, str]]:
-    from kdcore.registry import accepted_parameters
+    from kdcore.plugins.registry import accepted_parameters
 
     targets = [c.__init__ for c in inspect.getmro(factory) if "__init__" in vars(c)] \
         if inspect.isclass(factory) else [factory]
@@ -182,7 +182,7 @@ def _signature_rows(factory) -> list[tuple[str, str]]:
 
 
 def _components() -> list[str]:
-    from kdcore.hookspecs import KINDS
+    from kdcore.plugins.hookspecs import KINDS
     from kdcore.plugins import default_registry
 
     reg = default_registry()
@@ -255,7 +255,7 @@ def _option_rows(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def cli_reference() -> str:
-    from kdcore.cli import _add_plugin_commands, build_parser
+    from kdcore.cli.commands import _add_plugin_commands, build_parser
 
     parser, sub = build_parser()
     _add_plugin_commands(sub)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdcore import params
-from kdcore.errors import ConfigError
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
 
 
 class MLP(nn.Module):

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from kdcore import params
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits, TensorSplit
-from kdcore.errors import ConfigError
-from kdcore.functional import IGNORE_INDEX
+from kdcore.losses.functional import IGNORE_INDEX
 
 
 def bayes_posterior(x: torch.Tensor, means: torch.Tensor, sigma: float) -> torch.Tensor:

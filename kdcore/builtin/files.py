@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits, TensorSplit
-from kdcore.errors import ConfigError
 
 INPUT_KEYS = ("inputs", "x", "features", "data")
 TARGET_KEYS = ("targets", "y", "labels", "label", "target")

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdcore import params
-from kdcore.builtin.divergences import KL
-from kdcore.functional import IGNORE_INDEX, kd_rows, log_softmax_t, scaled_logits, upcast
+from kdcore.common import params
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
+from kdcore.losses.divergences import KL
+from kdcore.losses.functional import IGNORE_INDEX, kd_rows, log_softmax_t, scaled_logits, upcast
 
 
 class CrossEntropy(LogitLoss):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from kdcore.builtin import backbones, datasets, divergences, files, losses, schedulers, transforms
-from kdcore.hookspecs import hookimpl
+from kdcore.builtin import backbones, datasets, files, losses, schedulers, transforms
+from kdcore.losses import divergences
+from kdcore.plugins.hookspecs import hookimpl
 
 
 @hookimpl

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kdcore import params
-from kdcore.schedule import Progress, TimeSchedule
+from kdcore.common import params
+from kdcore.losses.schedule import Progress, TimeSchedule
 
 
 class Fixed(TimeSchedule):

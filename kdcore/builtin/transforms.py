@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from kdcore import params
+from kdcore.common import params
 
 
 class Temperature:

@@ -1,17 +1,32 @@
-"""The training engine: ``train`` (the Python API behind ``kdcore train``) and :class:`Trainer`."""
+"""The training engine: ``train`` (the Python API behind ``kdcore train``), :class:`Trainer`,
+and what plugins and programs build from a config without a run: :func:`build_model`,
+:func:`build_objective`.
+
+The engine's modules, each one concern (docs/architecture.md): ``runtime`` (the
+process: ranks, device, numerics), ``models`` (data and models), ``objective``
+(the loss terms and their weighting), ``teacher_source`` (model, cache or store),
+``batches``, ``taps``, ``forward``, ``step`` (one optimizer step), ``gradients``,
+``optim``, ``evaluate``, ``loop`` (epochs, logging, the summary), ``checkpoints``,
+``rundir`` (the run's files and lock), ``distributed``, ``capture`` (``kdcore
+capture``), ``meter``, ``memory`` and ``allocator``.
+
+Layer 4: imports every layer below (common, plugins, losses, data, signals, config); never the CLI.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from kdcore import config as cfg
-from kdcore.engine.models import check_resume, load_checkpoint
+from kdcore.engine.checkpoints import check_resume, load_checkpoint
+from kdcore.engine.models import build_model
+from kdcore.engine.objective import Objective
 from kdcore.engine.rundir import RunDir, check_out
 from kdcore.engine.trainer import Trainer
 from kdcore.plugins import default_registry
-from kdcore.registry import Registry
+from kdcore.plugins.registry import Registry
 
 
 def build_trainer(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Path | None = None,
@@ -31,6 +46,20 @@ def build_trainer(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: 
         registry = registry.searching(str(Path(conf.source).resolve().parent))
     cfg.check_components(conf, registry)
     return Trainer(conf, out_dir, registry, quiet=quiet)
+
+
+def build_objective(losses: Sequence[str | Mapping[str, Any]], registry: Registry | None = None) -> Objective:
+    """The :class:`~kdcore.engine.objective.Objective` (``sum_i w_i(t) L_i``) of ``[[loss]]``
+    tables (or loss names), validated like a config file's: unknown keys and parameters are
+    :class:`kdcore.ConfigError` naming ``loss[i]``. For trainers other than kdcore's
+    (``kdcore_lm.KDTrainer``)."""
+    if isinstance(losses, (str, Mapping)):
+        losses = [losses]
+    tables = [{"name": t} if isinstance(t, str) else dict(t) for t in losses]
+    # the loss section of a config (data, student and teacher are placeholders, never built)
+    conf = cfg.from_dict({"data": {"name": "-"}, "student": {"backbone": "-"}, "teacher": {"backbone": "-"},
+                          "loss": tables})
+    return Objective.from_config(conf, registry or default_registry())
 
 
 def default_out_dir(config: Any) -> Path:
@@ -63,4 +92,4 @@ def train(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Pa
         distributed.teardown(trainer.dist)
 
 
-__all__ = ["Trainer", "build_trainer", "train"]
+__all__ = ["Trainer", "build_trainer", "train", "build_model", "build_objective", "Objective", "default_out_dir"]

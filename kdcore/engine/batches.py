@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kdcore.data import Inputs, TensorSplit, index_inputs
-from kdcore.functional import IGNORE_INDEX
+from kdcore.losses.functional import IGNORE_INDEX
 
 
 @attrs.frozen

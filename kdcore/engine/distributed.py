@@ -61,3 +61,18 @@ def setup(device_kind: str) -> Dist:
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(model, device: torch.device, d: Dist, sharded: bool):
+    """The student as the step runs it: itself in one process, sharded in place
+    (FSDP2, ``run.strategy = "fsdp"``) or in a DDP wrapper under ``torchrun``."""
+    if not d.enabled:
+        return model
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh(device.type, (d.world,)))
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from kdcore import config as cfg
+from kdcore.common.errors import ConfigError
+from kdcore.common.files import atomic_torch_save, atomic_write
 from kdcore.engine.batches import Batches, batch_index_lists, epoch_generator
+from kdcore.engine.checkpoints import load_checkpoint
 from kdcore.engine.meter import Meter
-from kdcore.engine.models import load_checkpoint
-from kdcore.engine.rundir import JsonLines, Scalars, atomic_torch_save, atomic_write, dumps_record
-from kdcore.errors import ConfigError
+from kdcore.engine.rundir import JsonLines, Scalars, dumps_record
 
 
 class AuxStream:

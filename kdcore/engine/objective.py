@@ -6,7 +6,7 @@ models' :class:`kdcore.Outputs`, its taps (``student_taps``, ``teacher_taps``)
 filled; a :class:`kdcore.LogitLoss` with the outputs too where the fused
 projection applies (``hidden`` and ``head`` without logits), otherwise with
 logits; any other callable with logits. With a stored teacher
-(:class:`kdcore.buckets.TopKOutputs`) every term that uses the teacher sees
+(:class:`kdcore.signals.buckets.TopKOutputs`) every term that uses the teacher sees
 both models over the teacher's k + 1 buckets. Losses that are ``nn.Module`` s may own
 parameters and buffers: :attr:`Objective.modules` holds them for the optimizer
 and the checkpoints.
@@ -20,14 +20,15 @@ from typing import Any
 import attrs
 from torch import Tensor, nn
 
-from kdcore.buckets import TopKOutputs, bucket_loss
+from kdcore.common.errors import ConfigError
 from kdcore.config import Config
 from kdcore.engine.taps import check_taps, tap_paths
-from kdcore.errors import ConfigError
 from kdcore.losses import LogitLoss, build
-from kdcore.outputs import Outputs
-from kdcore.registry import Registry
-from kdcore.schedule import Progress
+from kdcore.losses.outputs import Outputs
+from kdcore.losses.schedule import Progress
+from kdcore.losses.weighting import GradientWeighting
+from kdcore.plugins.registry import Registry
+from kdcore.signals.buckets import TopKOutputs, bucket_loss
 
 
 @attrs.define
@@ -179,3 +180,34 @@ class Objective:
     def batch_level_terms(self) -> list[str]:
         """Ids of the terms whose loss couples the rows of a batch (``batch_level = True``)."""
         return [t.id for t in self.terms if getattr(t.loss, "batch_level", False)]
+
+
+def build_weighting(config: Config, registry: Registry) -> GradientWeighting | None:
+    """The ``[weighting]`` scheduler that weighs the terms from their gradients, or None."""
+    wc = config.weighting
+    if wc is None:
+        return None
+    try:
+        w = registry.create("scheduler", wc.name, **wc.params)
+    except ConfigError as exc:
+        raise exc.with_path("weighting") from None
+    if not isinstance(w, GradientWeighting):
+        raise ConfigError(f"weighting.name: {wc.name!r} is not a gradient-aware scheduler "
+                          "(use it as a term's schedule instead)")
+    if config.run.amp == "fp16":
+        raise ConfigError("run.amp: 'fp16' is not supported with [weighting] (use 'bf16')")
+    if config.run.accumulate > 1:
+        raise ConfigError("run.accumulate: gradient-aware [weighting] needs whole batches (accumulate = 1)")
+    return w
+
+
+def build_batch_policy(config: Config, registry: Registry):
+    """The ``[batch_policy]`` component that replaces each step's batch
+    (:mod:`kdcore.losses.policy`), or None."""
+    pc = config.batch_policy
+    if pc is None:
+        return None
+    try:
+        return registry.create("batch_policy", pc.name, **pc.params)
+    except ConfigError as exc:
+        raise exc.with_path("batch_policy") from None

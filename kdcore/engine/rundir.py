@@ -11,60 +11,18 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
+from kdcore.common.files import atomic_write, file_mode
 
 #: What a run writes into its directory; a directory holding any of them holds a run.
 RUN_FILES = ("config.toml", "metrics.jsonl", "steps.jsonl", "summary.json", "checkpoints", "tb")
 LOCK_FILE = ".kdcore.lock"
-
-
-def _file_mode() -> int:
-    """The mode ``open()`` gives a new file under the current umask (0644 under umask 022)."""
-    try:  # Linux: read it without changing it (os.umask would, for a moment, in every thread)
-        with open("/proc/self/status", encoding="ascii") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (mode from the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` via a temporary file and ``os.replace`` (mode from the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _file_mode())
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -172,7 +130,7 @@ class RunLock:
     def acquire(cls, directory: Path) -> "RunLock":
         path = directory / LOCK_FILE
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

@@ -1,52 +1,33 @@
-"""The pieces of one optimizer step: forward passes with taps, micro-batch
-weights, gradient synchronisation of the loss terms' parameters, clipping, and
-the finiteness guard.
+"""One optimizer step: :class:`Step`, over ``run.accumulate`` micro-batches or
+through a gradient-aware ``[weighting]``.
 
-:meth:`kdcore.engine.trainer.Trainer.train_step` composes them; each is a
-plain function or a small class so that it can be read and tested alone.
+A step (1) lets the ``[batch_policy]`` replace the batch, (2) sets the learning
+rate, (3) runs forward and backward per micro-batch, each loss weighted so that
+the step's loss is the mean over the kept positions of the whole step on every
+rank (:func:`micro_weights`), or hands the terms' losses to the weighting,
+(4) synchronises what DDP/FSDP do not (the loss terms' parameters and
+buffers), checks the gradients and clips them, (5) takes the optimizer step,
+and (6) gives the step's losses to the finiteness guard.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from kdcore.engine import gradients
 from kdcore.engine.batches import Batch
 from kdcore.engine.distributed import Dist
-from kdcore.engine.taps import Tapping
-from kdcore.errors import ConfigError, NonFiniteGradient, NonFiniteLoss
-from kdcore.outputs import Outputs
-
-
-def forward(model: nn.Module, inputs, tapped: nn.Module, taps: Sequence[str], index: Tensor) -> Outputs:
-    """``model(inputs)`` (keyword arguments for a mapping) as :class:`Outputs`, with the
-    outputs of the ``taps`` modules of ``tapped`` (the unwrapped model) in ``features``."""
-    if taps:
-        with Tapping(tapped, taps) as features:
-            raw = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-    else:
-        features = None
-        raw = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-    out = Outputs.of(raw)
-    if features:
-        out.features.update(features)
-    if out.index is None:
-        out.index = index
-    return out
-
-
-def check_sharded_outputs(out: Outputs) -> None:
-    """Under FSDP (``run.strategy = "fsdp"``) the student must return its logits:
-    a head called after FSDP's forward (the fused projection, or logits computed
-    on first read) takes its gradients outside FSDP's gradient reduction, and
-    the ranks' weights drift apart silently. Refused as a config error."""
-    if out.projectable and not out.has_logits:
-        raise ConfigError("student: under run.strategy = 'fsdp' the student must return its logits, not "
-                          "hidden states and a head to project later (the head would run outside FSDP's "
-                          "gradient reduction); for the hf backbone set student.fused = false")
+from kdcore.engine.forward import Forward
+from kdcore.engine.meter import Meter
+from kdcore.engine.objective import Objective
+from kdcore.engine.runtime import Runtime
+from kdcore.losses.policy import StepContext
+from kdcore.losses.schedule import Progress
+from kdcore.losses.weighting import GradientContext, GradientWeighting, unflatten_into
 
 
 def micro_weights(micros: Sequence[Batch], dist: Dist) -> list[Tensor] | None:
@@ -75,226 +56,169 @@ def local_shares(micros: Sequence[Batch]) -> list[float] | None:
     return [k / total for k in kept]
 
 
-def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    return [p for p in params if p.requires_grad]
 
 
-def average_gradients(params: Sequence[nn.Parameter], dist: Dist) -> None:
-    """Average the gradients of parameters that DDP/FSDP do not manage (the loss
-    terms' connectors) over the ranks, in one all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not dist.enabled or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = dist.mean(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+class Step:
+    """One optimizer step of a run: ``step(batch, progress, lr, index, meter, aux)``
+    returns the unweighted term losses (the step's means over its kept positions).
 
-
-def own_gradients(terms, weighted: Mapping[str, Tensor]) -> list[tuple[str, list[nn.Parameter], tuple]]:
-    """Each active term's gradient to its own parameters (a connector), the
-    batch's graph kept: taken before a gradient-aware scheduler, whose update
-    covers the student's parameters only, frees it."""
-    out = []
-    for term in terms:
-        value = weighted.get(term.id)
-        if value is None or not value.requires_grad or not isinstance(term.loss, nn.Module):
-            continue
-        ps = trainable(term.loss.parameters())
-        if ps:
-            out.append((term.id, ps, torch.autograd.grad(value, ps, retain_graph=True, allow_unused=True)))
-    return out
-
-
-def set_own_gradients(own: Sequence[tuple[str, list[nn.Parameter], tuple]], coefficients: Mapping[str, float]) -> None:
-    """Write :func:`own_gradients` into ``.grad``, each term's scaled by its coefficient in the
-    scheduler's update (1 where the scheduler gives none), as the student's share of that term is."""
-    for name, ps, grads in own:
-        c = float(coefficients.get(name, 1.0))
-        for p, g in zip(ps, grads):
-            if g is not None:
-                g = g * c
-                p.grad = g if p.grad is None else p.grad + g
-
-
-class BufferSync:
-    """Keeps the loss terms' floating-point buffers (memory banks, running
-    statistics) identical on every rank after each step.
-
-    A loss module's ``buffer_sync`` attribute says how: ``"sum_updates"``
-    (default: every rank's change is added, exact for updates at disjoint
-    indices such as a memory bank keyed by sample index), ``"mean"`` (the
-    ranks' values are averaged) or ``"none"`` (the loss keeps them in step
-    itself).
+    ``index`` is the step's number from 1 (what the guard reports); ``meter``
+    collects the step's values for logging; ``aux`` yields the batches a
+    gradient-aware weighting asks for beside the step's own (cross-batch).
     """
 
-    def __init__(self, modules: nn.ModuleDict, dist: Dist):
-        self.dist = dist
-        self.groups: dict[str, list[Tensor]] = {"sum_updates": [], "mean": []}
-        if not dist.enabled:
-            return
-        for module in modules.values():
-            mode = getattr(module, "buffer_sync", "sum_updates")
-            if mode not in ("sum_updates", "mean", "none"):
-                raise ValueError(f"{type(module).__name__}.buffer_sync: {mode!r} is not "
-                                 "'sum_updates', 'mean' or 'none'")
-            if mode != "none":
-                self.groups[mode] += [b for b in module.buffers() if b.is_floating_point()]
-        self._before: list[Tensor] = []
+    def __init__(self, runtime: Runtime, forward: Forward, objective: Objective, student: nn.Module,
+                 model: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Optimizer,
+                 params: list[nn.Parameter], term_params: list[nn.Parameter], *,
+                 accumulate: int, clip_grad_norm: float, seed: int, sharded: bool,
+                 weighting: GradientWeighting | None, batch_policy):
+        self.runtime, self.forward, self.objective = runtime, forward, objective
+        self.student, self.model, self.teacher, self.optimizer = student, model, teacher, optimizer
+        self.accumulate, self.clip, self.seed, self.sharded = accumulate, clip_grad_norm, seed, sharded
+        self.weighting, self.batch_policy = weighting, batch_policy
+        self.params, self.term_params = params, term_params  # the student's and the loss terms'
+        self.scaler = torch.amp.GradScaler("cuda") if runtime.amp == "fp16" else None
+        self.buffer_sync = gradients.BufferSync(objective.modules, runtime.dist)
+        #: the parameter groups whose gradient norms the guard reads: the student, each term with parameters
+        self.grad_groups = {"the student's parameters": self.params, **{
+            f"loss term {t.id!r}'s parameters": ps for t in objective.terms
+            if isinstance(t.loss, nn.Module) and (ps := gradients.trainable(t.loss.parameters()))}}
+        self.guard = gradients.FiniteGuard(runtime.device, [t.id for t in objective.terms], list(self.grad_groups))
 
-    def __bool__(self) -> bool:
-        return any(self.groups.values())
+    @property
+    def dist(self) -> Dist:
+        return self.runtime.dist
 
-    def snapshot(self) -> None:
-        self._before = [b.detach().clone() for b in self.groups["sum_updates"]]
+    def __call__(self, batch: Batch, progress: Progress, lr: float, index: int, meter: Meter | None = None,
+                 aux=None) -> dict[str, Tensor]:
+        if self.batch_policy is not None:  # the step's batch, before any forward pass
+            batch = self.batch_policy(batch, StepContext(
+                self.student, self.teacher, progress, self.seed, self.runtime.device, self.dist.rank,
+                self.dist.world, self.runtime.autocast))
+        if lr != self.optimizer.param_groups[0]["lr"]:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        weights = self.objective.weights(progress)
+        if self.weighting is not None and self.weighting.wants_gradients(progress):
+            losses, total = self._gradient_step(batch, weights, progress, aux, meter, index)
+        else:
+            coefs = weights
+            if self.weighting is not None:
+                c = self.weighting.coefficients()
+                coefs = {k: w * float(c.get(k, 1.0)) for k, w in weights.items()}
+            losses, total = self._accumulated_step(batch, coefs, index)
+            if meter is not None:
+                meter.add({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
+        self.guard.observe(index, losses, total)
+        return losses
 
-    def sync(self) -> None:
-        for b, old in zip(self.groups["sum_updates"], self._before):
-            delta = self.dist.sum_(b.detach() - old)
-            b.copy_(old + delta)
-        for b in self.groups["mean"]:
-            b.copy_(self.dist.mean(b.detach()))
+    def _no_sync(self, last: bool):
+        """Skip the gradient all-reduce on all micro-batches but the last."""
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.student.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
+    def _accumulated_step(self, batch: Batch, coefs: Mapping[str, float],
+                          index: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Forward and backward over ``run.accumulate`` micro-batches, then one update."""
+        active = self.objective.active(coefs)
+        micros = batch.split(self.accumulate)
+        factors = micro_weights(micros, self.dist)
+        shares = local_shares(micros)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.buffer_sync:
+            self.buffer_sync.snapshot()
+        logged: dict[str, Tensor] = {}
+        stepped = False
+        for i, mb in enumerate(micros):
+            with self._no_sync(last=i == len(micros) - 1), self.runtime.autocast():
+                s, t = self.forward(mb, active, self.model)
+                losses = self.objective.losses(s, t, mb.target, coefs)
+                total = self.objective.total(losses, coefs)
+            if self.sharded:
+                self.student.set_requires_gradient_sync(True)
+            if total is None:  # every weight is 0 at this step: nothing to learn from
+                continue
+            if shares is None:  # one micro-batch: the step's values are its values
+                logged, step_total = losses, total.detach()
+            else:
+                for k, v in losses.items():
+                    logged[k] = v.detach() * shares[i] + logged.get(k, 0.0)
+            if factors is not None:
+                total = total * factors[i]
+            (total if self.scaler is None else self.scaler.scale(total)).backward()
+            stepped = True
+        if not stepped:
+            return {}, torch.zeros((), device=self.runtime.device)
+        self._update(index)
+        if shares is not None:
+            step_total = self.objective.total(logged, coefs)
+        return logged, step_total
 
-def _local_norm(grads: list[Tensor]) -> Tensor:
-    norm = torch.nn.utils.get_total_norm(grads)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    def _update(self, index: int) -> None:
+        """Synchronise what DDP/FSDP do not, clip, and take the optimizer step."""
+        gradients.average_gradients(self.term_params, self.dist)
+        clip = self.clip
+        if clip and self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip or self.scaler is None:  # fp16's scaler skips steps with non-finite gradients itself
+            groups = list(self.grad_groups.values())
+            norms = gradients.gradient_norms(groups) if clip else gradients.gradient_checks(groups)
+            if self.scaler is None:
+                self.guard.observe_gradients(index, norms)
+            if clip:
+                gradients.clip_gradients(groups, clip, norms)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.buffer_sync:
+            self.buffer_sync.sync()
 
+    def _gradient_step(self, batch: Batch, weights, progress, aux, meter,
+                       index: int) -> tuple[dict[str, Tensor], Tensor]:
+        """A step through the gradient-aware seam (per-term gradients, reduced over ranks)."""
+        module = self.student  # not the DDP wrapper: gradients are reduced explicitly
 
-def _per_group(groups: Sequence[Sequence[nn.Parameter]], value) -> Tensor:
-    """``value(grads)`` of each group's gradients ``[len(groups)]``, 0 for a group
-    without gradients, on the gradients' device."""
-    values = [value(g) if g else None for g in ([p.grad for p in ps if p.grad is not None] for ps in groups)]
-    found = [v for v in values if v is not None]
-    if not found:
-        return torch.zeros(len(groups))
-    zero = torch.zeros((), device=found[0].device, dtype=found[0].dtype)
-    return torch.stack([zero if v is None else v.to(zero) for v in values])
+        def term_losses(b: Batch, names=None):
+            terms = self.objective.active(weights, names)
+            with self.runtime.autocast():
+                s, t = self.forward(b, terms, module)
+                raw = self.objective.losses(s, t, b.target, weights, names)
+            return raw, {k: weights[k] * v for k, v in raw.items()}
 
+        raw, weighted = term_losses(batch)
 
-def gradient_norms(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
-    """The gradient norm of each group of parameters ``[len(groups)]`` (sharded
-    gradients reduced over the ranks), 0 for a group without gradients: one
-    fused norm per group, on the gradients' device."""
-    return _per_group(groups, _local_norm)
+        def aux_losses(names=None):
+            return term_losses(next(aux), names)[1]
 
-
-#: a group of at most this many gradients is checked by one sum per tensor, a
-#: larger one (or a sharded one) by its fused norm, which takes fewer operations
-SUMMED_MAX_TENSORS = 16
-
-
-def _finite_check(grads: list[Tensor]) -> Tensor:
-    if len(grads) > SUMMED_MAX_TENSORS or any(hasattr(g, "full_tensor") for g in grads):
-        return _local_norm(grads)
-    low = (torch.float16, torch.bfloat16)
-    return torch.stack([g.sum(dtype=torch.float32) if g.dtype in low else g.sum() for g in grads]).sum()
-
-
-def gradient_checks(groups: Sequence[Sequence[nn.Parameter]]) -> Tensor:
-    """A value per group of parameters ``[len(groups)]`` that is non-finite where
-    the group's gradient has a non-finite element (or is so large that it
-    overflows), 0 for a group without gradients: the sum of every element for a
-    few plain tensors (half the time of the norm on the CPU, docs/benchmarks.md),
-    else the group's norm. For the finiteness guard where nothing clips."""
-    return _per_group(groups, _finite_check)
-
-
-def clip_gradients(groups: Sequence[Sequence[nn.Parameter]], max_norm: float,
-                   norms: Tensor | None = None) -> Tensor:
-    """Clip the global gradient norm over every group (student and loss terms,
-    sharded or not) to ``max_norm``; returns the norm before clipping.
-    ``norms``: the groups' :func:`gradient_norms`, where already computed."""
-    norms = gradient_norms(groups) if norms is None else norms
-    total = torch.linalg.vector_norm(norms)
-    for ps in groups:
-        with_grad = [p for p in ps if p.grad is not None]
-        if with_grad:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
-    return total
-
-
-class FiniteGuard:
-    """Stops a run at the first step with a non-finite loss, or with a
-    non-finite gradient while its losses were finite.
-
-    ``terms`` are the objective's term ids and ``groups`` the names of the
-    parameter groups whose gradient norms (or :func:`gradient_checks`)
-    :meth:`observe_gradients` receives
-    (the student, each loss term with parameters). On the CPU each step is
-    checked as it ends (no cost: there is no device to wait for), naming the
-    term or the group. On an accelerator the steps never wait for the host:
-    the first bad step, what it was (loss or gradient), the term or group and
-    its value are recorded on the device, and :meth:`check` (called at logging
-    points and epoch ends) raises for it.
-    """
-
-    def __init__(self, device: torch.device, terms: Sequence[str] = (), groups: Sequence[str] = ()):
-        self.eager = device.type == "cpu"
-        self.terms, self.groups = list(terms), list(groups)
-        self._bad_gradient: tuple[int, str, float] | None = None  # CPU: until the step's losses are read
-        #: accelerators: ``[step, kind (0 loss, 1 gradient), index]`` of the first bad step (-1: none) and its value
-        self._first: Tensor | None = None
-        self._value: Tensor | None = None
-        self._term_index: dict[tuple[str, ...], Tensor] = {}
-
-    def observe_gradients(self, step: int, norms: Tensor) -> None:
-        """Record the gradient norms (or checks) ``[len(groups)]`` of step ``step`` (before its losses)."""
-        if self.eager:
-            if not math.isfinite(float(norms.sum())):
-                i = int((~torch.isfinite(norms)).nonzero()[0])
-                self._bad_gradient = (step, self.groups[i], float(norms[i]))
-            return
-        self._record(step, 1, norms.detach().float(), None)
-
-    def observe(self, step: int, losses: Mapping[str, Tensor], total: Tensor) -> None:
-        """Record step ``step`` (its term losses and their weighted ``total``)."""
-        if self.eager:
-            bad_gradient, self._bad_gradient = self._bad_gradient, None
-            if math.isfinite(float(total.detach())):
-                if bad_gradient is not None:
-                    raise NonFiniteGradient(*bad_gradient)
-                return  # one read per step; the terms are looked at only when the total is bad
-            for name, value in {**losses, "total": total}.items():
-                v = float(value.detach())
-                if not math.isfinite(v):
-                    raise NonFiniteLoss(step, name, v)
-            return
-        values = torch.stack([v.detach().float().reshape(()) for v in (*losses.values(), total)])
-        self._record(step, 0, values, tuple(losses))
-
-    def _record(self, step: int, kind: int, values: Tensor, names: tuple[str, ...] | None) -> None:
-        """Keep ``(step, kind, index of the first non-finite value)`` and that value on the
-        device where nothing was kept yet; a step's losses take precedence over its gradients."""
-        device = values.device
-        if self._first is None:
-            self._first = torch.full((3,), -1, dtype=torch.long, device=device)
-            self._value = torch.zeros((), device=device)
-        bad = ~torch.isfinite(values)
-        pos = bad.int().argmax()
-        index = pos if names is None else self._indices(names, device)[pos]
-        free = (self._first[0] < 0) | ((self._first[0] == step) & (self._first[1] == 1) & (kind == 0))
-        take = bad.any() & free
-        new = torch.stack([torch.full_like(index, step), torch.full_like(index, kind), index])
-        self._first = torch.where(take, new, self._first)
-        self._value = torch.where(take, values[pos], self._value)
-
-    def _indices(self, names: tuple[str, ...], device: torch.device) -> Tensor:
-        """The positions in ``terms`` of ``names``, then -1 for the total (cached per tuple)."""
-        if names not in self._term_index:
-            self.terms += [n for n in names if n not in self.terms]
-            self._term_index[names] = torch.tensor([*(self.terms.index(n) for n in names), -1], device=device)
-        return self._term_index[names]
-
-    def check(self) -> None:
-        if self._first is None:
-            return
-        step, kind, index = (int(x) for x in self._first.tolist())
-        if step < 0:
-            return
-        value = float(self._value)
-        if kind == 1:
-            raise NonFiniteGradient(step, self.groups[index], value)
-        raise NonFiniteLoss(step, "total" if index < 0 else self.terms[index], value)
+        ctx = GradientContext(weighted, self.objective.roles(), self.params, progress,
+                              aux_losses if self.weighting.needs_aux_batch else None, self.dist.mean)
+        own = gradients.own_gradients(self.objective.terms, weighted) if self.term_params else []
+        update = self.weighting.combine(ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        if update.grad is not None:
+            unflatten_into(update.grad, self.params)
+            try:
+                coefficients = self.weighting.coefficients()  # crossbatch: eq. 11's, after combine
+            except NotImplementedError:
+                coefficients = {}
+            gradients.set_own_gradients(own, coefficients)
+        else:
+            total = self.objective.total(weighted, {k: update.coefficients.get(k, 1.0) for k in weighted})
+            if total is not None:
+                total.backward()
+            if self.dist.enabled:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.copy_(self.dist.mean(p.grad))
+        self._update(index)
+        total = sum(weighted.values())
+        if meter is not None:
+            meter.add({**{f"loss/{k}": v for k, v in raw.items()}, "loss/total": total})
+            meter.add_info({f"weighting/{k}": v for k, v in update.info.items()})
+        return raw, total

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 
 
 def tap_paths(value: Any) -> tuple[str, ...]:

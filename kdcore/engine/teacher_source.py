@@ -7,11 +7,11 @@
   back afterwards, on the device up to ``cache_budget_mb`` and in an anonymous
   file beside the run otherwise;
 - :class:`StoreTeacher` (``source = "store"``): the top-k teacher of a store
-  written by ``kdcore capture`` (:mod:`kdcore.store`), as
-  :class:`kdcore.buckets.TopKOutputs`; no teacher model exists.
+  written by ``kdcore capture`` (:mod:`kdcore.signals.store`), as
+  :class:`kdcore.signals.buckets.TopKOutputs`; no teacher model exists.
 
 The store and the cache are keyed by sample index, so both are refused where
-the training split's augmentation is random (:func:`kdcore.fingerprint.random_views`)
+the training split's augmentation is random (:func:`kdcore.data.fingerprint.random_views`)
 unless ``fixed_view = true`` accepts one view per sample, and where a term taps
 the teacher's features or a batch policy replaces the inputs.
 """
@@ -27,16 +27,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdcore import fingerprint, store
-from kdcore.buckets import TopKOutputs
+from kdcore.common.errors import ConfigError
 from kdcore.config import Config
+from kdcore.config import resolve_path
 from kdcore.data import DataSplits
-from kdcore.engine import step
+from kdcore.data import fingerprint
 from kdcore.engine.batches import Batch
-from kdcore.engine.models import resolve_path
+from kdcore.engine.forward import forward
 from kdcore.engine.objective import Objective
-from kdcore.errors import ConfigError
-from kdcore.outputs import Outputs
+from kdcore.losses.outputs import Outputs
+from kdcore.signals import store
+from kdcore.signals.buckets import TopKOutputs
 
 
 def target_shape(split) -> tuple[int, ...]:
@@ -72,7 +73,7 @@ class ModelTeacher:
         self.teacher, self.forward = teacher, forward
 
     def __call__(self, batch: Batch, inputs, taps: Sequence[str]) -> Outputs:
-        return step.forward(self.forward, inputs, self.teacher, taps, batch.index)
+        return forward(self.forward, inputs, self.teacher, taps, batch.index)
 
 
 class _Rows:
@@ -172,7 +173,7 @@ class CachedTeacher:
 
 
 class StoreTeacher:
-    """The top-k teacher of a store, as :class:`kdcore.buckets.TopKOutputs` on the device."""
+    """The top-k teacher of a store, as :class:`kdcore.signals.buckets.TopKOutputs` on the device."""
 
     def __init__(self, reader: store.StoreReader, device: torch.device):
         self.reader, self.device = reader, device
@@ -192,19 +193,20 @@ def run_with(source, forward: nn.Module) -> None:
 
 
 def open_store(config: Config, data: DataSplits, where: str = "teacher.store") -> store.StoreReader:
-    """The store ``[teacher] store`` names, checked against this run's data and teacher."""
+    """The store ``[teacher] store`` names, checked against this run's data and teacher
+    (their fingerprints first, then the store's manifest)."""
     tc = config.teacher
-    root = resolve_path(tc.signals.store, config.source)
-    reader = store.StoreReader.open(root, where)
     identity = None
     if tc.backbone is not None:
         ckpt = None if tc.checkpoint is None else resolve_path(tc.checkpoint, config.source)
         if ckpt is not None and not ckpt.exists():
             raise ConfigError(f"teacher.checkpoint: file not found: {ckpt}")
         identity = fingerprint.teacher_identity(tc.backbone, tc.params, ckpt)
-    store.check_store(reader.manifest, root, fingerprint=fingerprint.split_fingerprint(data.train),
-                      num_classes=data.num_classes, target_shape=target_shape(data.train), n=len(data.train),
-                      teacher=identity, where=where)
+    data_print = fingerprint.split_fingerprint(data.train)
+    root = resolve_path(tc.signals.store, config.source)
+    reader = store.StoreReader.open(root, where)
+    store.check_store(reader.manifest, root, fingerprint=data_print, num_classes=data.num_classes,
+                      target_shape=target_shape(data.train), n=len(data.train), teacher=identity, where=where)
     return reader
 
 

@@ -26,6 +26,8 @@ required parameters gives the checks some in ``testing_params``.
 :mod:`kdcore.testing.pytest_plugin` parametrises a test over a plugin's
 components. :func:`extreme_batches` is a hypothesis strategy (hypothesis is
 needed only for it) of float32 inputs that break naive implementations.
+
+Layer 5 (beside :mod:`kdcore.cli`): may import every layer below; nothing in kdcore imports it.
 """
 
 from kdcore.testing.backbones import check_backbone

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdcore.engine.taps import Tapping, check_taps
-from kdcore.outputs import Outputs
+from kdcore.losses.outputs import Outputs
 from kdcore.testing.inputs import close
 from kdcore.testing.skips import skipped
 

@@ -6,9 +6,9 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 from kdcore.plugins import default_registry
-from kdcore.registry import Registry
+from kdcore.plugins.registry import Registry
 from kdcore.testing.backbones import check_backbone
 from kdcore.testing.datasets import check_dataset
 from kdcore.testing.distributions import check_divergence, check_transform

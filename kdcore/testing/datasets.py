@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from kdcore.data import DataSplits, TensorSplit
-from kdcore.functional import IGNORE_INDEX
+from kdcore.losses.functional import IGNORE_INDEX
 from kdcore.testing.inputs import close
 from kdcore.testing.skips import skipped
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdcore.functional import IGNORE_INDEX
+from kdcore.losses.functional import IGNORE_INDEX
 
 
 def random_logits(*shape: int, seed: int = 0, scale: float = 3.0) -> Tensor:

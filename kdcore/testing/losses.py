@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from kdcore.engine.taps import Tapping, check_taps, tap_paths
-from kdcore.functional import IGNORE_INDEX
 from kdcore.losses import LogitLoss
-from kdcore.outputs import Outputs
+from kdcore.losses.functional import IGNORE_INDEX
+from kdcore.losses.outputs import Outputs
 from kdcore.testing.inputs import assert_finite_with_grads, close, random_logits, random_targets, value_and_grad
 from kdcore.testing.models import TinyConvNet
 from kdcore.testing.skips import skipped

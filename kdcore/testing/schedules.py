@@ -1,5 +1,5 @@
 """Checks for schedulers: time schedules (``schedule(progress) -> float``) and
-gradient-aware weightings (:class:`kdcore.weighting.GradientWeighting`)."""
+gradient-aware weightings (:class:`kdcore.losses.weighting.GradientWeighting`)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from kdcore.schedule import Progress
+from kdcore.losses.schedule import Progress
+from kdcore.losses.weighting import GradientContext, GradientWeighting, Update
 from kdcore.testing.skips import skipped
-from kdcore.weighting import GradientContext, GradientWeighting, Update
 
 
 def progress_grid(epochs: int = 3, steps_per_epoch: int = 4) -> list[Progress]:
-    """One :class:`~kdcore.schedule.Progress` per optimizer step of a short run, in order."""
+    """One :class:`~kdcore.losses.schedule.Progress` per optimizer step of a short run, in order."""
     return [Progress(epoch=e, step=(e - 1) * steps_per_epoch + i, epochs=epochs, steps_per_epoch=steps_per_epoch)
             for e in range(1, epochs + 1) for i in range(steps_per_epoch)]
 
 
 def check_scheduler(scheduler, skip: Iterable[str] = ()) -> None:
-    """:func:`check_weighting` for a :class:`~kdcore.weighting.GradientWeighting`,
+    """:func:`check_weighting` for a :class:`~kdcore.losses.weighting.GradientWeighting`,
     else :func:`check_schedule`."""
     if isinstance(scheduler, GradientWeighting):
         check_weighting(scheduler, skip=skip)
@@ -97,7 +97,7 @@ def check_weighting(weighting, steps: int = 4, skip: Iterable[str] = ()) -> None
     tiny linear student with a ``"ce"`` and a ``"kd"`` term (an auxiliary batch
     where ``needs_aux_batch``), for ``steps`` steps. Sub-checks:
 
-    - ``update``: :meth:`combine` returns an :class:`~kdcore.weighting.Update`
+    - ``update``: :meth:`combine` returns an :class:`~kdcore.losses.weighting.Update`
       whose ``grad`` has one entry per student parameter entry, or whose
       ``coefficients`` name only the context's terms; on steps where
       :meth:`wants_gradients` is false, :meth:`coefficients` names only those terms;
@@ -117,7 +117,7 @@ def check_weighting(weighting, steps: int = 4, skip: Iterable[str] = ()) -> None
             if w.wants_gradients(p):
                 update = w.combine(ctx)
                 if "update" not in skip:
-                    assert isinstance(update, Update), f"combine() returns a kdcore.weighting.Update, got {update!r}"
+                    assert isinstance(update, Update), f"combine() returns a kdcore.losses.weighting.Update, got {update!r}"
                     if update.coefficients is not None:
                         assert set(update.coefficients) <= set(ctx.roles), \
                             f"coefficients for unknown terms {set(update.coefficients) - set(ctx.roles)}"

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 import kdcore
-from kdcore import params
+from kdcore.common import params
 from kdcore_dist.correlation import pearson
 
 

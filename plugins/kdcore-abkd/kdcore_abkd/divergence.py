@@ -50,8 +50,8 @@ import math
 import torch
 from torch import Tensor
 
-from kdcore import params
-from kdcore.functional import exp
+from kdcore.common import params
+from kdcore.losses.functional import exp
 
 #: stand-in for ``log 0``: finite, so that no ``inf - inf`` arises
 LOG_ZERO = -1e30

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from kdcore import params
-from kdcore.functional import decoupled_terms, kl_rows, log_softmax_t
+from kdcore.common import params
 from kdcore.losses import LogitLoss, Spec
-
+from kdcore.losses.functional import decoupled_terms, kl_rows, log_softmax_t
 from kdcore_abkd.divergence import AlphaBetaDivergence, exponent
 
 

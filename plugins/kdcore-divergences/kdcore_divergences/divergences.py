@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kdcore import ConfigError, params
+from kdcore import ConfigError
+from kdcore.common import params
 
 #: stand-in for ``log 0``: finite, so that no ``inf - inf`` arises; ``exp`` of it is 0
 LOG_ZERO = -1e30
@@ -256,7 +257,7 @@ class _Skew:
         lp, lq = _rows(teacher_logp, student_logp)
         la, lb = (lq, lp) if self.reverse else (lp, lq)
         if self.alpha == 0:  # plain KL, whose terms can be infinite (b_k = 0 < a_k)
-            from kdcore.functional import kl_rows
+            from kdcore.losses.functional import kl_rows
             rows = kl_rows(la, lb)
         else:
             rows = _BlockwiseRows.apply(la, lb, _skew_kernel, self._log_w, self._log_1w)

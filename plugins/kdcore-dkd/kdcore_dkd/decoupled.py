@@ -3,7 +3,7 @@
 ``TCKD = D_t(b^t || b^s)`` on the binary target-vs-rest distributions
 ``b = [p_t, 1 - p_t]`` and ``NCKD = D_n(rho^t || rho^s)`` on the non-target
 distributions renormalised over the classes ``!= t``. :func:`decoupled_rows`
-takes the pieces returned by :func:`kdcore.functional.split_target`, so a loss
+takes the pieces returned by :func:`kdcore.losses.functional.split_target`, so a loss
 that needs the decomposition for more than one term (TAND) computes it once.
 """
 

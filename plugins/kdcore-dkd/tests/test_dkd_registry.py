@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import kdcore
+from kdcore.losses.schedule import Progress
 from kdcore.plugins import load_registry
-from kdcore.schedule import Progress
 
 
 def test_registered_by_this_plugin():

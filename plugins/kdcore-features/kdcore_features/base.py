@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcore.errors import ConfigError
-from kdcore.outputs import Outputs
+from kdcore.common.errors import ConfigError
+from kdcore.losses.outputs import Outputs
 from kdcore_features.taps import Taps, default_taps
 
 

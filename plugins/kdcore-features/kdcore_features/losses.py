@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcore import params
-from kdcore.errors import ConfigError
-from kdcore.outputs import Outputs
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
+from kdcore.losses.outputs import Outputs
 from kdcore_features.base import FeatureLoss, LazyConnectors, match_spatial, pool_vector
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 
 
 class Taps(NamedTuple):

@@ -6,7 +6,7 @@ with ``ce`` alone and with ``ce`` plus a fused ``kd`` (``chunk_size``) under
 several divergences (``kl``, ``rkl``; ``jsd``, ``skew_kl``, ``tvd`` where
 kdcore-divergences is installed; ABKD's ``ab`` at alpha 0.2, beta 0.7 where
 kdcore-abkd is), each for several seeds. The table (kdcore's shared demo
-presentation, :func:`kdcore.demo.present`) is sorted by the mean per-token KL
+presentation, :func:`kdcore.cli.demo.present`) is sorted by the mean per-token KL
 from the truth ``KL(p* || q)``, with mean and spread over seeds of it, of the
 perplexity, of the top-1 agreement with the teacher and of the top-1 accuracy,
 the truth and the teacher as reference rows, one verdict line and ``demo.png``;
@@ -58,7 +58,7 @@ def run_demo(out_dir: str | Path = "runs/demo-lm", *, teacher_epochs: int | None
              data: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run the demo and return its rows (also printed); ``data`` overrides keys of :data:`DATA`."""
     import kdcore
-    from kdcore.demo import present, seed_rows, sort_groups, verdict
+    from kdcore.cli.demo import present, seed_rows, sort_groups, verdict
 
     out = Path(out_dir)
     say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))

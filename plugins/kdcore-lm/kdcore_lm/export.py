@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="the checkpoint file to write (.pt)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the saved one)")
     args = parser.parse_args(argv)
-    from kdcore.errors import ConfigError
+    from kdcore.common.errors import ConfigError
 
     try:
         n = export(args.path, args.out, args.dtype)

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from kdcore.outputs import Outputs
+from kdcore.losses.outputs import Outputs
 from kdcore_lm.sampling import sample_next
 
 IGNORE_INDEX = -100

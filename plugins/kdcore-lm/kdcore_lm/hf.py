@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdcore.errors import ConfigError
-from kdcore.outputs import Outputs
+from kdcore.common.errors import ConfigError
+from kdcore.losses.outputs import Outputs
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -232,7 +232,7 @@ def _lora(model: nn.Module, spec: Mapping[str, Any]) -> None:
 def core_fuses() -> bool:
     """Whether kdcore's logit losses take ``Outputs(hidden, head)`` (the fused projection);
     probed once on a tiny input."""
-    from kdcore.api import create
+    from kdcore.plugins import create
 
     head = nn.Linear(2, 3)
     hidden = torch.zeros(1, 2, 2)

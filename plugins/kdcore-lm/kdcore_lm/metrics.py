@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcore.data import TensorSplit, index_inputs
-from kdcore.outputs import Outputs
+from kdcore.losses.outputs import Outputs
 
 IGNORE_INDEX = -100
 

@@ -14,7 +14,7 @@ trains on the dataset's batch unchanged.
 schedule; spelled ``lmbda`` because ``lambda`` is a Python keyword), any
 registered time schedule, and must lie in [0, 1]. The coin of a step and the
 tokens drawn come from generators seeded by ``run.seed`` and the step number
-(:meth:`kdcore.policy.StepContext.generator`), so runs are deterministic and
+(:meth:`kdcore.losses.policy.StepContext.generator`), so runs are deterministic and
 ``--resume`` is exact. Prompts, generation, EOS and the masks of the new batch
 are described in :mod:`kdcore_lm.generation`.
 """
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from kdcore.errors import ConfigError, UnknownComponentError
+from kdcore.common.errors import ConfigError, UnknownComponentError
 from kdcore.losses import build
-from kdcore.policy import DECIDE, SAMPLE, BatchPolicy, StepContext
-from kdcore.schedule import Progress
+from kdcore.losses.policy import DECIDE, SAMPLE, BatchPolicy, StepContext
+from kdcore.losses.schedule import Progress
 from kdcore_lm.generation import completion_batch, generate, prompt_lengths
 
 INPUT_KEYS = frozenset({"input_ids", "attention_mask"})

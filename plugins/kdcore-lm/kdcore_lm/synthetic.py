@@ -24,9 +24,9 @@ import attrs
 import numpy as np
 import torch
 
-from kdcore import params
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits, TensorSplit
-from kdcore.errors import ConfigError
 
 #: every probability of the language is mixed with this much of the uniform law
 #: (no exact zeros, so every token stays possible and KL to the truth is finite)

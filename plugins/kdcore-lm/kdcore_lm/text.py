@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from kdcore import params
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits, TensorSplit
-from kdcore.errors import ConfigError
 
 IGNORE_INDEX = -100
 

@@ -12,9 +12,9 @@ DeepSpeed, FSDP, PEFT)::
 ``losses`` are kdcore ``[[loss]]`` tables (a name, or a mapping with ``name``,
 ``weight``, ``schedule``, ``id`` and the loss's parameters: divergences,
 transforms, ``chunk_size``), validated and built exactly as a kdcore run
-builds them (:class:`kdcore.engine.objective.Objective`), so the same batch
+builds them (:class:`kdcore.engine.Objective`, from :func:`kdcore.engine.build_objective`), so the same batch
 gives the same loss value as the kdcore engine. Time schedules see a
-:class:`kdcore.schedule.Progress` made from the Trainer's state (epoch counted
+:class:`kdcore.losses.schedule.Progress` made from the Trainer's state (epoch counted
 from 1, optimizer steps taken, steps per epoch from ``max_steps``).
 
 Batches: ``input_ids`` (+ ``attention_mask`` / ``position_ids``) and either
@@ -43,9 +43,10 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from kdcore.errors import ConfigError
-from kdcore.outputs import Outputs
-from kdcore.schedule import Progress
+from kdcore.common.errors import ConfigError
+from kdcore.engine import build_objective
+from kdcore.losses.outputs import Outputs
+from kdcore.losses.schedule import Progress
 from kdcore_lm.hf import HFCausalLM, check_vocab, lm_head_of
 
 IGNORE_INDEX = -100
@@ -54,22 +55,6 @@ IGNORE_INDEX = -100
 def shift_labels(labels: Tensor) -> Tensor:
     """Hugging Face ``labels`` (unshifted) as kdcore targets: ``target[t] = labels[t + 1]``, -100 last."""
     return nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def build_objective(losses: Sequence[str | Mapping[str, Any]], registry=None):
-    """kdcore's :class:`~kdcore.engine.objective.Objective` of ``[[loss]]`` tables (validated
-    like a config file's: unknown keys and parameters are :class:`kdcore.ConfigError`)."""
-    from kdcore import config as cfg
-    from kdcore.engine.objective import Objective
-    from kdcore.plugins import default_registry
-
-    if isinstance(losses, (str, Mapping)):
-        losses = [losses]
-    tables = [{"name": t} if isinstance(t, str) else dict(t) for t in losses]
-    # the loss section of a config (data, student and teacher are placeholders, never built)
-    raw = {"data": {"name": "-"}, "student": {"backbone": "-"}, "teacher": {"backbone": "-"}, "loss": tables}
-    config = cfg.from_dict(raw)
-    return Objective.from_config(config, registry or default_registry())
 
 
 def _rows_of(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ import json
 import math
 
 import kdcore
-from kdcore.demo import find_demo
+from kdcore.cli.demo import find_demo
 from kdcore.plugins import default_registry
 from kdcore_lm import demo
 

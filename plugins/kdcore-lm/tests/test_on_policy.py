@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 import kdcore
 from kdcore.engine import build_trainer
 from kdcore.engine.trainer import Trainer
-from kdcore.policy import SAMPLE, StepContext
-from kdcore.schedule import Progress
+from kdcore.losses.policy import SAMPLE, StepContext
+from kdcore.losses.schedule import Progress
 from kdcore_lm.generation import completion_batch, generate, prompt_lengths
 from kdcore_lm.on_policy import OnPolicy
 from kdcore_lm.sampling import nucleus_probs, sample_next

@@ -4,7 +4,7 @@ Registers the loss ``nkd``. Its terms are public functions so that other
 losses (TAND, eq. 9) reuse them: :func:`target_term` (``-p_t log q_t``),
 :func:`normalized_nontarget_term` (``CE(rho^t, rho^s)`` or a divergence) and
 :func:`nkd_rows` (the whole per-row loss from ``split_target`` pieces) and
-:func:`split_nkd_rows` (the same from a fused ``kdcore.functional.target_split_terms``).
+:func:`split_nkd_rows` (the same from a fused ``kdcore.losses.functional.target_split_terms``).
 """
 
 from kdcore_nkd.loss import NKD

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from kdcore import params
-from kdcore.functional import is_kl, split_target, target_split_terms
+from kdcore.common import params
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
-
+from kdcore.losses.divergences import is_kl
+from kdcore.losses.functional import split_target, target_split_terms
 from kdcore_nkd.terms import nkd_rows, split_nkd_rows
 
 

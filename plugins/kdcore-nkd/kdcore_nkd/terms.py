@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcore.functional import TargetSplit, ce_rows
+from kdcore.losses.functional import TargetSplit, ce_rows
 
-#: ``(log_b [n, 2], log_rho [n, C])`` as returned by ``kdcore.functional.split_target``
+#: ``(log_b [n, 2], log_rho [n, C])`` as returned by ``kdcore.losses.functional.split_target``
 Split = tuple[Tensor, Tensor]
 
 
@@ -67,7 +67,7 @@ def nkd_rows(teacher: Tensor, student: Tensor, target: Tensor, teacher_split: Sp
 
 def split_nkd_rows(teacher: Tensor, student: Tensor, target: Tensor, split: TargetSplit, temperature: float,
                    gamma: float) -> Tensor:
-    """:func:`nkd_rows` from a :class:`kdcore.functional.TargetSplit` (fused forward and
+    """:func:`nkd_rows` from a :class:`kdcore.losses.functional.TargetSplit` (fused forward and
     backward): the non-target term is ``CE(rho^t, rho^s) = KL(rho^t || rho^s) + H(rho^t)``
     where the split carries the entropy, else ``KL(rho^t || rho^s)`` (the ``kl`` divergence);
     at T = 1 the target log-probabilities are read from the split."""

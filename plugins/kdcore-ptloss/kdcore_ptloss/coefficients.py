@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 
 
 def _is_number(x: Any) -> bool:

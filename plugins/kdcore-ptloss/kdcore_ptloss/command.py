@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 
 LOGIT_KEYS = ("teacher_logits", "logits")
 LABEL_KEYS = ("labels", "targets")
@@ -75,15 +75,15 @@ def teacher_outputs(config_path: str, checkpoint: str | None, split: str,
     import attrs
 
     from kdcore import config as cfg
-    from kdcore.engine.models import build_model
+    from kdcore.engine import build_model
     from kdcore.plugins import default_registry
 
     conf = cfg.load(config_path, overrides)
     registry = default_registry()
-    model_conf, section = (conf.teacher, "teacher") if conf.teacher is not None else (conf.student, "student")
+    section = "teacher" if conf.teacher is not None else "student"
     if checkpoint is not None:
-        model_conf = attrs.evolve(model_conf, checkpoint=checkpoint)
-    if model_conf.checkpoint is None:
+        conf = attrs.evolve(conf, **{section: attrs.evolve(getattr(conf, section), checkpoint=checkpoint)})
+    if getattr(conf, section).checkpoint is None:
         raise ConfigError(f"{section}.checkpoint: the teacher needs a checkpoint (or pass --checkpoint)")
     try:
         data = registry.create("dataset", conf.data.name, **conf.data.params)
@@ -92,7 +92,7 @@ def teacher_outputs(config_path: str, checkpoint: str | None, split: str,
     part = getattr(data, split)
     if part is None:
         raise ConfigError(f"--split: the dataset has no {split} split")
-    model = build_model(model_conf, section, data, registry, conf.source).eval()
+    model = build_model(conf, section, data, registry=registry).eval()
     loader = torch.utils.data.DataLoader(part, batch_size=conf.run.eval_batch_size)
     logits, labels = [], []
     with torch.no_grad():

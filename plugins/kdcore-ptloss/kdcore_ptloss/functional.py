@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kdcore.functional import kl_rows
+from kdcore.losses.functional import kl_rows
 
 
 def log1m_softmax(logp: Tensor) -> Tensor:

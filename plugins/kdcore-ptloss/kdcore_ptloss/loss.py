@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from kdcore.functional import log_softmax_t
 from kdcore.losses import LogitLoss, Spec
+from kdcore.losses.functional import log_softmax_t
 from kdcore_ptloss.coefficients import as_list, parse_eps, per_class
 from kdcore_ptloss.functional import ptloss_rows
 

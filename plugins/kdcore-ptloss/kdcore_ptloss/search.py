@@ -21,8 +21,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from kdcore.errors import ConfigError
-from kdcore.functional import IGNORE_INDEX
+from kdcore.common.errors import ConfigError
+from kdcore.losses.functional import IGNORE_INDEX
 from kdcore_ptloss.proxy import solve
 
 #: the draws of one solver call hold at most this many entries (draws x samples x classes)

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor
 
-from kdcore import params
+from kdcore.common import params
 from kdcore_schedulers.vecmath import fits, gram_matrix, max_abs, vector_norm
 
 MODES = ("paper", "align")

@@ -1,9 +1,9 @@
 """Gradient-aware schedulers ``[weighting]``: ``crossbatch``, ``mgda``, ``pcgrad``.
 
-They receive a :class:`kdcore.weighting.GradientContext` whose losses are
+They receive a :class:`kdcore.losses.weighting.GradientContext` whose losses are
 already time-weighted, take flat gradients with ``ctx.grad`` (averaged over
 ranks under DDP, so every rank solves for the same weights) and return an
-:class:`kdcore.weighting.Update`. Terms outside the groups a scheduler
+:class:`kdcore.losses.weighting.Update`. Terms outside the groups a scheduler
 weighs are added to the update with coefficient 1. A term missing from
 ``ctx.losses`` (its time weight is 0 on this step) has a zero gradient.
 """
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcore import params
-from kdcore.errors import ConfigError
-from kdcore.schedule import Progress
-from kdcore.weighting import GradientContext, GradientWeighting, Update
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
+from kdcore.losses.schedule import Progress
+from kdcore.losses.weighting import GradientContext, GradientWeighting, Update
 from kdcore_schedulers.crossbatch import MODES, crossbatch_update
 from kdcore_schedulers.multitask import mgda_weight, pcgrad_coefficients, pcgrad_orders
 from kdcore_schedulers.vecmath import gram_matrix

@@ -1,6 +1,6 @@
 """Time schedules: ``schedule(progress) -> multiplier`` of a loss term's ``weight``.
 
-Epochs are counted from 1 (:class:`kdcore.schedule.Progress`); schedules that
+Epochs are counted from 1 (:class:`kdcore.losses.schedule.Progress`); schedules that
 move step by step use ``progress.step`` (optimizer steps done before the
 current one), so they change smoothly inside an epoch.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kdcore import params
-from kdcore.errors import ConfigError
-from kdcore.schedule import Progress, TimeSchedule
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
+from kdcore.losses.schedule import Progress, TimeSchedule
 
 
 def _span_fraction(progress: Progress, epochs: int | None) -> float:

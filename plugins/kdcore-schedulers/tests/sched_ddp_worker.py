@@ -7,8 +7,8 @@ import torch.distributed as dist
 from torch import nn
 
 import kdcore
-from kdcore.schedule import Progress
-from kdcore.weighting import GradientContext
+from kdcore.losses.schedule import Progress
+from kdcore.losses.weighting import GradientContext
 
 SCHEDULERS = [("crossbatch", {}), ("crossbatch", {"mode": "align"}), ("mgda", {}), ("pcgrad", {"seed": 0})]
 

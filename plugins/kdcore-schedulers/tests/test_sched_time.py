@@ -5,7 +5,7 @@ import math
 import pytest
 
 import kdcore
-from kdcore.schedule import Progress, TimeSchedule
+from kdcore.losses.schedule import Progress, TimeSchedule
 
 SPE = 10  # steps per epoch
 

@@ -1,4 +1,4 @@
-"""The gradient-aware schedulers through kdcore.weighting: a minimal fake context on a
+"""The gradient-aware schedulers through kdcore.losses.weighting: a minimal fake context on a
 tiny model, checked against gradients taken here with plain autograd."""
 
 import math
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import kdcore
-from kdcore.schedule import Progress
-from kdcore.weighting import GradientContext, GradientWeighting, Update, unflatten_into
+from kdcore.losses.schedule import Progress
+from kdcore.losses.weighting import GradientContext, GradientWeighting, Update, unflatten_into
 from kdcore_schedulers.multitask import pcgrad_orders
 
 

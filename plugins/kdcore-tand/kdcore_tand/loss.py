@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from kdcore import params
-from kdcore.functional import is_kl, split_target, target_split_terms
+from kdcore.common import params
 from kdcore.losses import LogitLoss, Spec, resolve_divergence
+from kdcore.losses.divergences import is_kl
+from kdcore.losses.functional import split_target, target_split_terms
 from kdcore_dkd import decoupled_rows, part_divergences
 from kdcore_nkd import nkd_rows, split_nkd_rows
 
@@ -62,7 +63,7 @@ class TAND(LogitLoss):
         return nkd + (t * t) * tad
 
     def _fused_rows(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
-        """Every part from one :func:`kdcore.functional.target_split_terms` (fused forward and backward)."""
+        """Every part from one :func:`kdcore.losses.functional.target_split_terms` (fused forward and backward)."""
         t = self.temperature
         split = target_split_terms(student, teacher, target, t, entropy=self.nkd_divergence is None)
         nkd = split_nkd_rows(teacher, student, target, split, t, self.gamma)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcore import params
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits
-from kdcore.errors import ConfigError
 from kdcore_vision.image_split import ImageTensorSplit
 
 #: name -> (folder, train files, test file, meta file, label key, class-name key, mean, std)

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from kdcore import params
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits
-from kdcore.errors import ConfigError
 from kdcore_vision.image_split import ImageTensorSplit
 
 

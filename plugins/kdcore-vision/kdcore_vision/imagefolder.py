@@ -16,9 +16,9 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from kdcore import params
+from kdcore.common import params
+from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits
-from kdcore.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcore import params
+from kdcore.common import params
 from kdcore_vision.features import Backbone, Features, init_conv_bn
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcore import params
+from kdcore.common import params
 from kdcore_vision.features import Backbone, Features
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 from kdcore_vision.features import Features
 
 #: top-level children that belong to the classifier, not the trunk

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcore import params
+from kdcore.common import params
 from kdcore_vision.features import Backbone, Features, init_conv_bn
 
 #: conv widths per block; 8 = CRD's "S", 11/13/16/19 = VGG configurations A/B/D/E

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcore import params
+from kdcore.common import params
 from kdcore_vision.features import Backbone, Features, init_conv_bn
 
 

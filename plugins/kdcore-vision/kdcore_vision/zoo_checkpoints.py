@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdcore.errors import ConfigError
+from kdcore.common.errors import ConfigError
 from kdcore_vision.zoo import CIFAR_MODELS
 
 COUNTER = "num_batches_tracked"
@@ -92,7 +92,7 @@ def add_import_command(cli: Any) -> None:
 
 
 def run_import_command(args: argparse.Namespace) -> int:
-    from kdcore.engine.rundir import atomic_torch_save  # the engine loads only when the command runs
+    from kdcore.common import atomic_torch_save
 
     path = Path(args.source)
     if not path.is_file():

@@ -1,0 +1,3 @@
+"""kdcore's version (``kdcore.__version__``)."""
+
+VERSION = "0.1.0"

@@ -1,0 +1,82 @@
+"""Reading a config file and applying ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+from kdcore.common.errors import ConfigError
+from kdcore.config.parse import from_dict, resolve_paths
+from kdcore.config.schema import Config, MAX_DEPTH, MAX_FILE_BYTES
+
+_PATH = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\]|\.(\d+))?((?:\.[A-Za-z_][\w-]*)*)$")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string
+    except RecursionError:
+        raise ConfigError(f"--set value {text[:40]!r}...: nested more than {MAX_DEPTH} levels deep") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (or ``loss[1].key=value``) overrides; values
+    are TOML (``0.1``, ``[1, 2]``, ``{name = "ab"}``, ``"text"``) or bare strings."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        m = _PATH.match(key)
+        if not sep or not m or not (m.group(4) or m.group(2) or m.group(3)):
+            raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. run.epochs=5, loss[1].temperature=2)")
+        section, index = m.group(1), m.group(2) or m.group(3)
+        keys = [k for k in m.group(4).split(".") if k]
+        node: Any = raw.setdefault(section, {} if index is None else [])
+        where = section
+        if index is not None:
+            if isinstance(node, Mapping):
+                node = raw[section] = [node]
+            i = int(index)
+            if not isinstance(node, list) or i >= len(node):
+                raise ConfigError(f"--set {key}: {section} has no entry [{i}]")
+            node, where = node[i], f"{section}[{i}]"
+        if not keys:
+            raise ConfigError(f"--set {item!r}: name a key inside {where}")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {where}.{k} is not a table")
+            where = f"{where}.{k}"
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {where} is not a table")
+        node[keys[-1]] = _parse_value(text.strip())
+    return raw
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML config file, apply overrides and validate its structure."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: config file of {path.stat().st_size:,} bytes is larger than "
+                              f"the limit of {MAX_FILE_BYTES:,}")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is fine
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: tables or lists nested more than {MAX_DEPTH} levels deep") from None
+    return from_dict(resolve_paths(apply_overrides(raw, overrides), path), source=path)
+
+

@@ -1,0 +1,210 @@
+"""The component registry: ``available(kind)`` and ``create(kind, name, **params)``.
+
+A :class:`Registry` is built by :func:`kdcore.plugins.load_registry` from the
+installed plugins; it is an immutable value, so tests can build as many as
+they like with different plugin sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import attrs
+
+from kdcore.common.errors import ConfigError, PluginError, UnknownComponentError
+from kdcore.common.pyrefs import is_python_ref, resolve
+from kdcore.plugins.hookspecs import KINDS
+
+
+#: the registry whose ``create`` is running (components resolve the components
+#: they name, e.g. a loss's ``divergence = "jsd"``, from the same registry)
+_CREATING: ContextVar["Registry | None"] = ContextVar("kdcore_creating", default=None)
+#: where components built outside any ``create`` call resolve names: the
+#: installed plugins' registry, provided by :mod:`kdcore.plugins` when it loads
+_DEFAULT: list[Callable[[], "Registry"]] = []
+
+
+def provide_default(get_registry: Callable[[], "Registry"]) -> None:
+    """Name the function that returns the default registry (called once by kdcore.plugins)."""
+    _DEFAULT[:] = [get_registry]
+
+
+def current_registry() -> "Registry":
+    """The registry building the current component, else the default registry."""
+    active = _CREATING.get()
+    if active is not None:
+        return active
+    if not _DEFAULT:
+        raise RuntimeError("no default registry: import kdcore first")
+    return _DEFAULT[0]()
+
+
+@contextlib.contextmanager
+def _creating(registry: "Registry") -> Iterator[None]:
+    token = _CREATING.set(registry)
+    try:
+        yield
+    finally:
+        _CREATING.reset(token)
+
+
+#: a lazy factory: ``"package.module:attribute"`` (attribute may be dotted)
+_LAZY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def is_lazy_target(target: Any) -> bool:
+    """Whether ``target`` is a lazy factory, ``"module:attribute"``."""
+    return isinstance(target, str) and _LAZY.fullmatch(target) is not None
+
+
+@attrs.frozen
+class Component:
+    """One registered factory and where it came from.
+
+    ``target`` is the factory itself or a lazy factory ``"module:attribute"``,
+    imported the first time :attr:`factory` is read (so that listing names
+    costs no import of the plugin's heavy dependencies)."""
+
+    kind: str
+    name: str
+    target: Callable[..., Any] | str
+    plugin: str
+    dist: str | None = None
+    version: str | None = None
+
+    @property
+    def factory(self) -> Callable[..., Any]:
+        """The factory (a lazy one imported now; a broken one is a :class:`PluginError`)."""
+        if callable(self.target):
+            return self.target
+        module_name, _, attr = self.target.partition(":")
+        where = f"{self.kind} {self.name!r} of plugin {self.plugin!r}: lazy factory {self.target!r}"
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as exc:
+            raise PluginError(f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise PluginError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise PluginError(f"{where}: {attr!r} is not a class or function")
+        return obj
+
+
+@attrs.frozen
+class FailedPlugin:
+    """A plugin that could not be loaded, with the reason."""
+
+    name: str
+    reason: str
+    dist: str | None = None
+    version: str | None = None
+
+
+@attrs.frozen
+class PluginInfo:
+    """A loaded plugin and the components it registered."""
+
+    name: str
+    dist: str | None
+    version: str | None
+    components: tuple[Component, ...] = ()
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
+    return kind
+
+
+def accepted_parameters(factory: Callable[..., Any]) -> tuple[set[str], bool]:
+    """Names a factory accepts as keywords, and whether it takes any (``**kw``).
+
+    For a class whose ``__init__`` forwards ``**kwargs`` to its base, the
+    parameters of the bases are collected too.
+    """
+    names: set[str] = set()
+    targets = [c.__init__ for c in inspect.getmro(factory) if "__init__" in vars(c)] \
+        if inspect.isclass(factory) else [factory]
+    for fn in targets:
+        if fn is object.__init__:
+            names.discard("self")
+            return names, False
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # builtins without a signature
+            return names, True
+        params = list(sig.parameters.values())
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names.discard("self")
+            return names, False
+    names.discard("self")
+    return names, True
+
+
+def check_parameters(component: Component, params: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a parameter the factory does not take."""
+    accepted, open_ended = accepted_parameters(component.factory)
+    if open_ended:
+        return
+    for key in params:
+        if key not in accepted:
+            ok = ", ".join(sorted(accepted)) or "none"
+            raise ConfigError(
+                f"{key}: unknown parameter of {component.kind} {component.name!r} (accepted: {ok})"
+            )
+
+
+@attrs.frozen
+class Registry:
+    """Components by kind and name, plus the plugins that provided them."""
+
+    components: Mapping[str, Mapping[str, Component]]
+    plugins: tuple[PluginInfo, ...] = ()
+    failed: tuple[FailedPlugin, ...] = ()
+    #: the pluggy manager, for hooks other than registration (e.g. commands)
+    hooks: Any = attrs.field(default=None, eq=False, repr=False)
+    #: folders searched first for ``python:MODULE:ATTRIBUTE`` components (a config's folder)
+    search_path: tuple[str, ...] = ()
+
+    def searching(self, *folders: str) -> "Registry":
+        """This registry, resolving ``python:`` components in ``folders`` first."""
+        return attrs.evolve(self, search_path=tuple(dict.fromkeys((*folders, *self.search_path))))
+
+    def available(self, kind: str) -> list[str]:
+        """Sorted names registered for ``kind``."""
+        return sorted(self.components.get(check_kind(kind), {}))
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component registered as ``name`` for ``kind``, or the user's code
+        that ``python:MODULE:ATTRIBUTE`` names (:mod:`kdcore.common.pyrefs`)."""
+        table = self.components.get(check_kind(kind), {})
+        if is_python_ref(name):
+            return Component(kind, name, resolve(name, self.search_path), plugin="python")
+        if not isinstance(name, str) or name not in table:
+            raise UnknownComponentError(kind, str(name), sorted(table))
+        return table[name]
+
+    def create(self, kind: str, name: str, **params: Any) -> Any:
+        """Build component ``name`` of ``kind`` with keyword ``params``.
+
+        Unknown names raise :class:`UnknownComponentError` with close matches;
+        unknown or invalid parameters raise :class:`ConfigError`.
+        """
+        component = self.get(kind, name)
+        check_parameters(component, params)
+        try:
+            with _creating(self):
+                return component.factory(**params)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{kind} {name!r}: {exc}") from exc

@@ -1,0 +1,11 @@
+"""Teacher signals kept on disk: the top-k store and the bucket losses that train on it.
+
+- :mod:`~kdcore.signals.store`: the store's format (manifest, shards, value codings) and
+  :class:`~kdcore.signals.store.StoreReader`;
+- :mod:`~kdcore.signals.buckets`: a teacher's k kept classes plus one tail bucket, and any loss on them.
+
+Running a teacher to fill a store (``kdcore capture``) and the in-memory cache of a teacher's outputs
+belong to the engine (:mod:`kdcore.engine.capture`, :mod:`kdcore.engine.teacher_source`).
+
+Layer 3: imports :mod:`kdcore.common`, :mod:`kdcore.losses` and :mod:`kdcore.data`; never the engine.
+"""
