@@ -15,6 +15,7 @@ Layer 2: imports :mod:`kdcore.common` and :mod:`kdcore.plugins` (the registry) o
 """
 
 from kdcore.losses.base import LogitLoss, Spec, build, resolve_divergence, resolve_transforms
+from kdcore.losses.functional import IGNORE_INDEX
 from kdcore.losses.outputs import Outputs
 
-__all__ = ["LogitLoss", "Spec", "build", "resolve_divergence", "resolve_transforms", "Outputs"]
+__all__ = ["LogitLoss", "Spec", "build", "resolve_divergence", "resolve_transforms", "Outputs", "IGNORE_INDEX"]

@@ -84,7 +84,7 @@ def test_same_loss_as_the_kdcore_engine_on_the_same_batch(tmp_path):
     batch.target[5, :6] = -100  # unequal kept tokens per row
     with torch.no_grad():
         weights = engine.objective.weights(engine.progress())
-        s, t = engine._outputs(batch, engine.objective.active(weights), engine.student)
+        s, t = engine.forward(batch, engine.objective.active(weights), engine.student)
         want = float(engine.objective.total(engine.objective.losses(s, t, batch.target, weights), weights))
     kd = KDTrainer(model=engine.student.model, teacher=engine.teacher.model, losses=LOSSES, args=args(tmp_path))
     inputs = {**batch.inputs, "target": batch.target}
