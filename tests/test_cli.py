@@ -6,9 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+import types
 
 import pytest
 import tomli_w
+
+import kdcore
+from kdcore.common.errors import RunFailure
 
 import importlib.util
 from pathlib import Path
@@ -151,3 +156,88 @@ def test_the_console_script_exits_with_mains_code_and_spares_the_teardown_its_co
     with pytest.raises(SystemExit) as exc:
         kdcore.cli.commands.run()
     assert exc.value.code == 3 and frozen == [True]
+
+
+# -- a plugin's loss that misbehaves ------------------------------------------------------------
+MISBEHAVING = textwrap.dedent('''
+    import torch
+
+    import kdcore
+    from kdcore.common.errors import RunFailure
+
+
+    class Mine:
+        """A supervised loss that misbehaves from its ``at``-th call on, as ``how`` says."""
+
+        uses_teacher = False
+
+        def __init__(self, *, how: str = "raise", at: int = 1):
+            self.how, self.at, self.calls = how, at, 0
+
+        def __call__(self, student, teacher, target):
+            self.calls += 1
+            rows = torch.nn.functional.cross_entropy(student, target, reduction="none")
+            if self.calls < self.at:
+                return rows.mean()
+            if self.how == "raise":
+                raise ValueError("no good\\nthe second line of the message")
+            if self.how == "config":
+                raise kdcore.ConfigError("loss[1].how: the loss's own message")
+            if self.how == "failure":
+                raise RunFailure("the loss's own failure")
+            return {"vector": rows[:4], "float": 0.5, "none": None}[self.how]
+
+
+    @kdcore.hookimpl
+    def register_losses(register):
+        register("mine", Mine)
+''')
+
+
+def _misbehaving_registry():
+    """The built-in plugin and a plugin registering the loss ``mine``."""
+    from kdcore.plugins import load_registry
+
+    plugin = types.ModuleType("misbehaving_loss")
+    exec(MISBEHAVING, plugin.__dict__)
+    return load_registry(env={}, entry_points=[], extra_plugins=[("misbehaving_loss", plugin)])
+
+
+def _with_mine(**params) -> dict:
+    conf = runs.teacher_config(epochs=1)
+    conf["loss"].append({"name": "mine", **params})
+    return conf
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"how": "raise", "at": 3}, "step 3: loss term 'mine' (loss[1]) raised ValueError: no good"),
+    ({"how": "vector"}, "step 1: loss term 'mine' (loss[1]) returned a tensor of shape [4], not a scalar"),
+    ({"how": "float", "at": 2}, "step 2: loss term 'mine' (loss[1]) returned a float, not a scalar tensor"),
+    ({"how": "none"}, "step 1: loss term 'mine' (loss[1]) returned None, not a scalar tensor"),
+])
+def test_a_loss_that_raises_or_returns_no_scalar_names_the_term_and_the_step(tmp_path, params, message):
+    from kdcore.common.errors import LossTermFailure
+
+    with pytest.raises(LossTermFailure) as exc:
+        kdcore.train(_with_mine(**params), tmp_path, quiet=True, registry=_misbehaving_registry())
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("how, kind, message", [
+    ("config", kdcore.ConfigError, "loss[1].how: the loss's own message"),
+    ("failure", RunFailure, "the loss's own failure"),
+])
+def test_kdcores_own_exceptions_from_a_loss_pass_unchanged(tmp_path, how, kind, message):
+    with pytest.raises(kind) as exc:
+        kdcore.train(_with_mine(how=how), tmp_path, quiet=True, registry=_misbehaving_registry())
+    assert type(exc.value) is kind and str(exc.value) == message
+
+
+def test_a_loss_that_raises_exits_1_with_one_line(tmp_path):
+    (tmp_path / "mine_loss.py").write_text(MISBEHAVING)  # a python: component beside the config
+    conf = runs.teacher_config(epochs=1)
+    conf["loss"].append({"name": "python:mine_loss:Mine", "id": "mine", "at": 2})
+    out = kdcore_cli("train", str(write(tmp_path / "c.toml", conf)), "--out", str(tmp_path / "o"))
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "kdcore: failed: step 2: loss term 'mine' (loss[1]) raised ValueError: no good"]

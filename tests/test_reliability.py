@@ -29,7 +29,8 @@ from kdcore.common.env import env_flag
 from kdcore.common.errors import ConfigError, DamagedCheckpoint, NonFiniteLoss
 from kdcore.common.files import atomic_torch_save, atomic_write
 from kdcore.engine.checkpoints import check_resume, load_checkpoint
-from kdcore.engine.rundir import LOCK_FILE, JsonLines, RunDir, RunLock
+from kdcore.engine.logs import JsonLines
+from kdcore.engine.rundir import LOCK_FILE, RunDir, RunLock
 from kdcore.plugins import PluginWarning, load_registry
 
 _spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))
@@ -223,9 +224,10 @@ def test_4_truncate_after_skips_a_partial_last_line(tmp_path):
     log.append({"step": 2})
     with log.path.open("ab") as f:
         f.write(b'{"step": 3, "loss/ce": 0.\xe2')  # killed mid-append, mid-character
-    with pytest.warns(UserWarning, match=r"m\.jsonl:3: skipped a damaged line"):
+    with pytest.warns(UserWarning, match=r"m\.jsonl:3: damaged line moved to .*m\.damaged\.jsonl$"):
         log.truncate_after(5)
     assert [json.loads(line) for line in log.path.read_text().splitlines()] == [{"step": 1}, {"step": 2}]
+    assert log.damaged_path.read_bytes() == b'{"step": 3, "loss/ce": 0.\xe2\n'
 
 
 def test_4_resume_after_a_partial_line_in_both_logs(capsys, run_copy):

@@ -104,7 +104,7 @@ def test_csv_numeric_and_named_labels(tmp_path):
     assert (len(s.train), len(s.val), s.test, s.num_classes, s.input_shape) == (30, 30, None, 3, (2,))
     names = ["cat", "dog", "emu"]
     named = write_csv(tmp_path / "s.csv", [f"{a},{b},{names[c]}" for (a, b), c in zip(x, y)])
-    s = data("csv", path=named, features=["b"], split=[1.0, 0.0, 0.0])
+    s = data("csv", path=named, features=["b"], split=[1.0, 0.0, 0.0], label_names=True)
     assert s.meta["classes"] == names and s.input_shape == (1,)
     torch.testing.assert_close(s.train.inputs[:, 0].sort().values, torch.from_numpy(x[:, 1]).float().sort().values)
 

@@ -25,6 +25,17 @@ def bayes_posterior(x: torch.Tensor, means: torch.Tensor, sigma: float) -> torch
     return torch.softmax(logits, dim=-1).float()
 
 
+def _check_size(n: int, dim: int, num_classes: int) -> None:
+    """Refuse sizes whose samples would not fit in memory, naming the largest of them.
+
+    The peak is about ``n * (8 + 12 * dim + 36 * num_classes)`` bytes: the int64
+    labels, three float32 ``n x dim`` tensors while ``x`` is drawn, and the float64
+    ``n x num_classes`` logits of the posterior."""
+    sizes = {"n": n, "dim": dim, "num_classes": num_classes}
+    key = max(sizes, key=sizes.get)
+    params.fits_in_memory(key, sizes[key], n * (8 + 12 * dim + 36 * num_classes))
+
+
 def gaussian_mixture(num_classes: int = 3, dim: int = 30, sigma: float = 2.0, n: int = 10000,
                      split: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0,
                      train_size: int | None = None, unlabelled: int = 0) -> DataSplits:
@@ -42,6 +53,7 @@ def gaussian_mixture(num_classes: int = 3, dim: int = 30, sigma: float = 2.0, n:
     params.positive_int("dim", dim)
     params.positive_int("n", n)
     sigma = params.positive("sigma", sigma)
+    _check_size(n, dim, num_classes)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
     if not isinstance(split, Sequence) or isinstance(split, str) or len(split) != 3 \

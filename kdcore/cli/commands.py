@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import signal
 import sys
 import traceback
@@ -43,10 +44,20 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_capture(args) -> int:
+    """``kdcore capture``; an interrupted capture continues when the same command runs again
+    (not with ``--resume``, which is training's), and says so."""
     from kdcore.engine.capture import capture
 
-    m = capture(args.config, args.out, args.set, top_k=args.top_k, values=args.values, batch_size=args.batch_size,
-                shard_samples=args.shard_samples, quiet=args.quiet)
+    again = "run the same kdcore capture command again to continue"
+    try:
+        m = capture(args.config, args.out, args.set, top_k=args.top_k, values=args.values,
+                    batch_size=args.batch_size, shard_samples=args.shard_samples, quiet=args.quiet)
+    except Terminated:
+        print(f"kdcore: terminated by SIGTERM ({again})", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"kdcore: interrupted ({again})", file=sys.stderr)
+        return 130
     if not args.quiet and m.get("complete"):
         print(f"store {args.out}: {m['n']} samples x {m['positions']} position(s), k = {m['k']} of "
               f"{m['num_classes']}, {m['layout']['record_bytes']} bytes per position")
@@ -208,6 +219,59 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _ReaderMayLeave:
+    """A standard stream whose reader may leave before the command ends (``kdcore list
+    loss | head -1``, ``kdcore train CONFIG 2>&1 | head``). The first write or flush that
+    meets the closed pipe points the stream's descriptor at the null device: the command
+    goes on to its end (a training run still writes its whole run directory) and exits as
+    it would have, and what nobody reads is dropped, not raised as BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_left()
+
+    def _reader_left(self) -> None:
+        """The descriptor to the null device, where the stream's buffered text drains
+        (so the interpreter's last flush at exit does not meet the closed pipe either)."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
+        self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _closed_pipes_tolerated():
+    """While the command runs, ``sys.stdout`` and ``sys.stderr`` tolerate a reader that
+    leaves (:class:`_ReaderMayLeave`); at the end both are flushed through it."""
+    saved = sys.stdout, sys.stderr
+    guards = [_ReaderMayLeave(s) if s is not None else None for s in saved]
+    sys.stdout, sys.stderr = guards
+    try:
+        yield
+    finally:
+        for guard in guards:
+            if guard is not None:
+                guard.flush()
+        sys.stdout, sys.stderr = saved
+
+
 def run() -> None:
     """The ``kdcore`` console script and ``python -m kdcore``: :func:`main` on the process's
     arguments, then the process ends. The interpreter's teardown is spared its garbage
@@ -219,6 +283,14 @@ def run() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command of ``argv`` (default: the process's arguments); returns the exit
+    status. A closed standard output or error is no failure (:class:`_ReaderMayLeave`)."""
+    with _closed_pipes_tolerated():
+        return _run_command(argv)
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command, each kind of failure turned into its exit status."""
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     debug = False
     try:

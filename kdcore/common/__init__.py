@@ -9,9 +9,9 @@ Layer 0: imports the standard library, torch and numpy only.
 """
 
 from kdcore.common import params
-from kdcore.common.errors import (ConfigError, DamagedCheckpoint, DuplicateComponentError, NonFiniteGradient,
-                                  NonFiniteLoss, PluginError, RunFailure, UnknownComponentError)
+from kdcore.common.errors import (ConfigError, DamagedCheckpoint, DuplicateComponentError, LossTermFailure,
+                                  NonFiniteGradient, NonFiniteLoss, PluginError, RunFailure, UnknownComponentError)
 from kdcore.common.files import atomic_torch_save, atomic_write
 
 __all__ = ["params", "ConfigError", "UnknownComponentError", "PluginError", "DuplicateComponentError", "RunFailure",
-           "DamagedCheckpoint", "NonFiniteLoss", "NonFiniteGradient", "atomic_write", "atomic_torch_save"]
+           "DamagedCheckpoint", "NonFiniteLoss", "NonFiniteGradient", "LossTermFailure", "atomic_write", "atomic_torch_save"]

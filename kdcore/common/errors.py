@@ -73,3 +73,13 @@ class NonFiniteGradient(RunFailure):
                          "was finite; the run stopped and kept its last finite checkpoint (lower optim.lr, or "
                          "look for a loss whose gradient is not finite at that value)")
         self.step, self.where, self.value = step, where, value
+
+
+class LossTermFailure(RunFailure):
+    """A loss term that raised, or returned something other than a 0-dim tensor
+    (exit 1): one line naming the step where known, the term's id and its key path."""
+
+    def __init__(self, term: str, path: str, problem: str, step: int | None = None):
+        where = f"step {step}: " if step is not None else ""
+        super().__init__(f"{where}loss term {term!r} ({path}) {problem}")
+        self.term, self.problem, self.step = term, problem, step

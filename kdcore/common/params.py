@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kdcore.common.errors import ConfigError
@@ -48,3 +51,36 @@ def one_of(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(f"{name}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def finite(name: str, value: Any) -> None:
+    """Refuse ``inf`` and ``nan`` anywhere in ``value``, also inside nested tables and lists,
+    naming the key path (``divergence.alpha``): no component can mean them, and
+    ``temperature = inf`` would otherwise pass ``> 0`` checks and poison every step."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be finite, got {value!r}")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            finite(f"{name}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            finite(f"{name}[{i}]", item)
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def fits_in_memory(name: str, value: Any, nbytes: int) -> None:
+    """Refuse a size whose data (``nbytes``, the caller's estimate) exceeds this
+    machine's memory, before anything is allocated: a smaller machine would fail
+    only after minutes of filling memory, or be killed by the system."""
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise ConfigError(f"{name}: {value} needs about {nbytes / 2**30:,.1f} GiB of memory with these "
+                          f"parameters, more than this machine's {total / 2**30:,.1f} GiB; lower it")

@@ -9,10 +9,12 @@ path (``loss[1].temperature: must be > 0``). Tables that name a component
 (``[data]``, ``[teacher]``, ``[student]``, ``[[loss]]``, ``[weighting]``,
 ``[batch_policy]``) pass
 their other keys to it as parameters; those are checked against the
-component's signature by :func:`check_components`.
+component's signature by :func:`check_components`, and refused where a number
+in them, at any depth, is ``inf`` or ``nan``.
 
 Limits against configs that would exhaust memory or the stack (all exit 2
-naming the key path): a config file of at most 16 MiB, tables and lists
+naming the key path): a config file of at most 16 MiB (counted on the bytes
+read, so a FIFO or a device is bounded too), tables and lists
 nested at most 32 deep, lists of at most 10,000 entries, integers within
 +-(2**31 - 1) (sizes, counts, steps) except seeds (keys named ``seed``),
 which are in 0 .. 2**63 - 1.

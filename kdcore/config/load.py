@@ -59,18 +59,29 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
+def _read(path: Path) -> str:
+    """The text of a config file, refused once more than :data:`MAX_FILE_BYTES` bytes
+    arrive: counted on the bytes read, not on ``stat``, so that a FIFO, a process
+    substitution or a device such as ``/dev/zero`` is bounded too."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: config file is larger than the limit of {MAX_FILE_BYTES:,} bytes")
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is fine
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+
+
 def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read a TOML config file, apply overrides and validate its structure."""
     path = Path(path)
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ConfigError(f"{path}: config file of {path.stat().st_size:,} bytes is larger than "
-                              f"the limit of {MAX_FILE_BYTES:,}")
-        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is fine
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    text = _read(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

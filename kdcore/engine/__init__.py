@@ -7,8 +7,9 @@ process: ranks, device, numerics), ``models`` (data and models), ``objective``
 (the loss terms and their weighting), ``teacher_source`` (model, cache or store),
 ``batches``, ``taps``, ``forward``, ``step`` (one optimizer step), ``gradients``,
 ``optim``, ``evaluate``, ``loop`` (epochs, logging, the summary), ``checkpoints``,
-``rundir`` (the run's files and lock), ``distributed``, ``capture`` (``kdcore
-capture``), ``meter``, ``memory`` and ``allocator``.
+``checkpoint_file`` (reading a checkpoint file safely), ``rundir`` (the run's directory
+and lock), ``logs`` (``metrics.jsonl``, ``steps.jsonl``, TensorBoard), ``distributed``,
+``capture`` (``kdcore capture``), ``meter``, ``memory`` and ``allocator``.
 
 Layer 4: imports every layer below (common, plugins, losses, data, signals, config); never the CLI.
 """
@@ -84,7 +85,7 @@ def train(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Pa
             state = None
             if resume:
                 state = load_checkpoint(run_dir.last)
-                check_resume(state, trainer.config, trainer.student, path=run_dir.last)
+                check_resume(state, trainer.config, trainer.student, trainer.objective, path=run_dir.last)
             return trainer.fit(resume=resume, state=state)
     finally:
         from kdcore.engine import distributed

@@ -4,11 +4,13 @@ The command builds the dataset and the frozen teacher of a training config the
 way the engine does, runs the teacher over the training split in sample order
 (batches of ``--batch-size``, default ``run.eval_batch_size``) and writes a
 store (:mod:`kdcore.signals.store`): shard after shard, each written atomically, with
-the manifest first (``complete: false``) and last (``complete: true``). An
-interrupted capture run again with the same arguments keeps the shards it
-finished and computes the others, giving the same bytes as an uninterrupted
-one. Under ``torchrun`` rank ``r`` computes shards ``r, r + world, ...`` and
-rank 0 writes the manifest.
+the manifest first (``complete: false``) and last (``complete: true``, with the
+SHA-256 of every shard). Run again with the same arguments, a capture checks
+every shard already there (its presence, size and digest), keeps the good
+ones and computes the others, giving the same bytes as an uninterrupted
+capture: this finishes an interrupted capture and repairs a damaged store.
+Under ``torchrun`` rank ``r`` computes shards ``r, r + world, ...`` and rank 0
+checks the store and writes the manifest.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from kdcore import config as cfg
-from kdcore.common.errors import ConfigError
+from kdcore.common.errors import ConfigError, RunFailure
 from kdcore.common.version import VERSION
 from kdcore.config import resolve_path
 from kdcore.data import TensorSplit, index_inputs
@@ -58,16 +60,36 @@ def _batches(split, rows: range, batch_size: int, device: torch.device) -> Itera
         yield move(from_collated(sample, torch.empty(0)).inputs, device)
 
 
+class CaptureStopped(RunFailure):
+    """A capture that failed part way (exit 1): the shards it finished are kept, and the
+    message says to run the same command again to continue."""
+
+
+class TeacherNotFinite(RunFailure):
+    """The teacher's outputs on a sample are not log-probabilities a store can hold (NaN):
+    the capture stops before writing them (exit 1)."""
+
+
 def _shard_records(teacher, split, rows: range, batch_size: int, device: torch.device, layout: store.Layout,
-                   autocast) -> np.ndarray:
-    parts = []
+                   autocast, positions: int) -> np.ndarray:
+    """The records of samples ``rows``; outputs a store's reader would refuse as damage
+    (:func:`kdcore.signals.store.check_values`) stop the capture instead of being written."""
+    parts, start = [], rows.start
     with torch.no_grad():
         for inputs in _batches(split, rows, batch_size, device):
             with autocast():
                 out = forward(teacher, inputs, teacher, (), torch.empty(0))
             logits = Outputs.of(out).logits.float()
             ids, logp, rest = store.top_k(logits.reshape(-1, logits.shape[-1]), layout.k)
+            try:
+                store.check_values(layout, ids, logp, rest)
+            except store.DamagedRecord as exc:
+                raise TeacherNotFinite(f"capture: the teacher's outputs on training sample "
+                                       f"{start + exc.row // positions} are not log-probabilities ({exc.reason}); "
+                                       "nothing of them was written; check the teacher's checkpoint, or capture "
+                                       "with run.amp = \"off\"") from None
             parts.append(store.encode(layout, ids, logp, rest))
+            start += logits.shape[0]
     return np.concatenate(parts, axis=0)
 
 
@@ -95,10 +117,24 @@ def _check_existing(root: Path, manifest: dict[str, Any]) -> dict[str, Any] | No
     return existing
 
 
+def _arguments(config, overrides, top_k, values, batch_size, shard_samples) -> list[str]:
+    """The command line of this capture but ``--out`` (the manifest keeps it, so that a message
+    about a damaged store can give the command that rewrites it)."""
+    args = [str(config)]
+    for flag, value in (("--top-k", top_k), ("--values", None if values == "auto" else values),
+                        ("--batch-size", batch_size), ("--shard-samples", shard_samples)):
+        if value is not None:
+            args += [flag, str(value)]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
 def capture(config: str | Path, out: str | Path, overrides: Iterable[str] = (), *, top_k: int | None = None,
             values: str = "auto", batch_size: int | None = None, shard_samples: int | None = None,
             quiet: bool = False, registry: Registry | None = None) -> dict[str, Any]:
-    """Write (or finish) the store of ``config``'s teacher at ``out``; returns its manifest."""
+    """Write, finish or repair the store of ``config``'s teacher at ``out``; returns its manifest."""
+    overrides = list(overrides)
     conf = cfg.load(config, overrides)
     registry = registry or default_registry()
     if conf.source is not None:
@@ -108,15 +144,47 @@ def capture(config: str | Path, out: str | Path, overrides: Iterable[str] = (), 
     if tc is None or tc.backbone is None:
         raise ConfigError("teacher.backbone: capture needs a [teacher] with its backbone and checkpoint")
     run = conf.run
+    args = _arguments(config, overrides, top_k, values, batch_size, shard_samples)
     dist = distributed.setup("cuda" if run.device == "cuda" or
                              (run.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
-        return _capture(conf, tc, Path(out), registry, dist, top_k, values, batch_size, shard_samples, quiet)
+        return _capture(conf, tc, Path(out), registry, dist, top_k, values, batch_size, shard_samples, quiet, args)
     finally:
         distributed.teardown(dist)
 
 
-def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, shard_samples, quiet):
+def _good_shards(root: Path, existing: dict[str, Any], quiet: bool) -> dict[str, str]:
+    """The shards of the store at ``root`` that are whole, by name, with their SHA-256: present,
+    of the right size and with the digest the manifest records. A shard it records none for was
+    written whole (atomically) by a capture interrupted before its end, and is kept; in a
+    complete store (of kdcore 0.1) it must pass the value checks, record by record. The others
+    are listed on the output (unless ``quiet``)."""
+    recorded = existing.get(store.DIGESTS) or {}
+    reader = store.StoreReader(root, existing)
+    good, bad = {}, []
+    for j in range(int(existing["shards"])):
+        name = store.shard_name(j)
+        problem = store.size_problem(root, j, existing)
+        if problem is None:
+            digest = store.file_sha256(root / name)
+            if name in recorded and digest != recorded[name]:
+                problem = "its SHA-256 differs from the one in manifest.json"
+            elif name not in recorded and existing.get("complete"):
+                try:
+                    reader.check_shard(j)
+                except store.DamagedStore:
+                    problem = "it holds damaged records"
+        if problem is None:
+            good[name] = digest
+        elif problem != "is missing" or existing.get("complete"):
+            bad.append(f"{name} ({problem.removeprefix('is ')})")
+    if bad and not quiet:
+        print(f"capture: rewriting {len(bad)} damaged or missing shard(s) of {root}: {', '.join(bad[:5])}"
+              f"{' ...' if len(bad) > 5 else ''}")
+    return good
+
+
+def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, shard_samples, quiet, args):
     run = conf.run
     device = pick_device(run.device, dist.local_rank)
     data = build_data(conf, registry)
@@ -146,41 +214,88 @@ def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, sh
         "layout": layout.to_json(), "fixed_view": tc.signals.fixed_view,
         "data": {"name": conf.data.name, "fingerprint": fingerprint.split_fingerprint(split)},
         "teacher": fingerprint.teacher_identity(tc.backbone, tc.params, ckpt),
+        store.CAPTURE_ARGS: args, store.DIGESTS: {},
     }
-    if dist.is_main:  # one rank looks at --out and writes the manifest; the others then read it
-        existing = _check_existing(root, manifest)
-        if existing is None or not existing.get("complete"):
-            if existing is not None:
-                store.remove_partial(root)  # what a killed capture was writing
-            store.write_manifest(root, manifest)
+    if dist.is_main:  # one rank checks --out and writes the manifest; the others then read it
+        _start(root, manifest, quiet)
     dist.barrier()
     existing = store.read_manifest(root, "--out")
-    if existing is not None and existing.get("complete"):
+    if existing.get("complete"):
         if dist.is_main and not quiet:
-            print(f"capture: {root} is complete already ({n} samples)")
+            print(f"capture: {root} is complete already ({n} samples, {manifest['shards']} shard(s) verified)")
         return existing
     autocast = (contextlib.nullcontext if run.amp == "off" else
                 lambda: torch.autocast(device.type, dtype=torch.bfloat16 if run.amp == "bf16" else torch.float16))
+    done = existing[store.DIGESTS]  # the shards found whole
     mine = [j for j in range(manifest["shards"]) if j % dist.world == dist.rank]
-    todo = [j for j in mine if not store.shard_done(root, j, manifest)]
+    todo = [j for j in mine if store.shard_name(j) not in done]
     size = {j: min(n, (j + 1) * per) - j * per for j in mine}
+    written: dict[str, str] = {}
     with _progress(sum(size.values()), sum(size.values()) - sum(size[j] for j in todo),
                    quiet or not dist.is_main) as bar:
         for j in todo:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(run.seed * 1_000_003 + j)  # one fixed view per sample (fixed_view)
-                records = _shard_records(teacher, split, range(j * per, j * per + size[j]),
-                                         batch_size or run.eval_batch_size, device, layout, autocast)
-            store.write_shard(root, j, records)
+            with _stops_resumably(root, j, manifest, len(done) + len(written)):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(run.seed * 1_000_003 + j)  # one fixed view per sample (fixed_view)
+                    records = _shard_records(teacher, split, range(j * per, j * per + size[j]),
+                                             batch_size or run.eval_batch_size, device, layout, autocast, positions)
+                store.write_shard(root, j, records)
+            written[store.shard_name(j)] = store.records_sha256(records)
             if bar is not None:
                 bar.update(size[j])
     dist.barrier()
     if dist.is_main:
-        missing = [j for j in range(manifest["shards"]) if not store.shard_done(root, j, manifest)]
-        if missing:
-            raise RuntimeError(f"capture: shard(s) {missing[:3]} of {root} were not written")
+        manifest[store.DIGESTS] = _all_digests(root, manifest, {**done, **written})
         manifest.update(complete=True, bytes_per_position=layout.record_bytes,
                         total_bytes=store.total_bytes(root, manifest))
         store.write_manifest(root, manifest)
     dist.barrier()
     return manifest
+
+
+def _start(root: Path, manifest: dict[str, Any], quiet: bool) -> None:
+    """Check what ``--out`` holds and write the manifest the capture works from: ``complete``
+    where the store there is whole, else incomplete with the digests of the shards to keep."""
+    existing = _check_existing(root, manifest)
+    if existing is None:
+        store.write_manifest(root, manifest)
+        return
+    good = _good_shards(root, existing, quiet)
+    if existing.get("complete") and len(good) == manifest["shards"]:
+        if existing.get(store.DIGESTS) != good:  # a store of kdcore 0.1: its digests recorded now
+            store.write_manifest(root, {store.CAPTURE_ARGS: manifest[store.CAPTURE_ARGS], **existing,
+                                        store.DIGESTS: good})
+        return
+    store.remove_partial(root)  # what a killed capture was writing
+    store.write_manifest(root, {**manifest, store.DIGESTS: good})
+
+
+def _all_digests(root: Path, manifest: dict[str, Any], known: dict[str, str]) -> dict[str, str]:
+    """Every shard's SHA-256: ``known`` (kept or written by this rank), the others' (written by
+    other ranks) from their files."""
+    digests = dict(known)
+    for j in range(manifest["shards"]):
+        name = store.shard_name(j)
+        if name not in digests:
+            problem = store.size_problem(root, j, manifest)
+            if problem is not None:
+                raise CaptureStopped(f"capture: {store.describe_shard(root, j, manifest)} {problem} although every "
+                                     "rank finished; run the same kdcore capture command again to continue")
+            digests[name] = store.file_sha256(root / name)
+    return dict(sorted(digests.items()))
+
+
+@contextlib.contextmanager
+def _stops_resumably(root: Path, j: int, manifest: dict[str, Any], finished: int):
+    """Turn a failure while computing or writing shard ``j`` into a :class:`CaptureStopped` that
+    says the finished shards are kept and how to continue (a configuration error, a teacher
+    that gives NaN and an interrupt pass as they are)."""
+    try:
+        yield
+    except (ConfigError, TeacherNotFinite):
+        raise
+    except Exception as exc:
+        cause = str(exc) if isinstance(exc, RunFailure) else f"{type(exc).__name__}: {exc}"
+        raise CaptureStopped(f"capture stopped at {store.describe_shard(root, j, manifest)}: "
+                             f"{(cause.splitlines() or [''])[0]}; the {finished} finished shard(s) are kept: "
+                             "run the same kdcore capture command again to continue") from exc

@@ -12,20 +12,20 @@ Sharded students (``run.strategy = "fsdp"``) are saved as full state dicts
 (gathered on every rank, written by rank 0), so a checkpoint loads anywhere:
 in one process, under DDP or under FSDP with another world size.
 
-Every checkpoint file is read with ``weights_only=True`` and its format checked
-before anything is unpickled; a read names the file and says in one line what
-is wrong: a file that cannot be read is a
+Every checkpoint file is read by :func:`~kdcore.engine.checkpoint_file.read_checkpoint`
+(the CRC-32 of every member checked, then ``weights_only=True``); a read names
+the file and says in one line what is wrong: a file that cannot be read, or a
+``last.pt`` with non-finite weights, is a
 :class:`~kdcore.common.errors.DamagedCheckpoint` (exit 1) for the run's own
 ``last.pt`` and a :class:`~kdcore.common.errors.ConfigError` (exit 2) for a
 model checkpoint named in the config; weights that do not fit the configured
-model are a ``ConfigError`` naming the first mismatching parameters.
+model, and loss terms that do not fit a ``last.pt``, are a ``ConfigError``
+naming the first mismatching parameters.
 """
 
 from __future__ import annotations
 
-import pickle
 import tomllib
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,14 @@ from torch import nn
 
 from kdcore.common.errors import ConfigError, DamagedCheckpoint
 from kdcore.config import Config
+from kdcore.engine.checkpoint_file import DamagedFile, read_checkpoint
+from kdcore.engine.objective import Objective
 
 VERSION = 2
 #: The entries of a kdcore ``last.pt`` that resuming needs.
 RESUME_KEYS = ("model", "optimizer", "epoch", "step")
 _SHOWN_MISMATCHES = 3
+_START_AGAIN = "resume from an earlier copy of last.pt, or start again with --overwrite"
 
 
 def _options(**kw):
@@ -96,48 +99,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _format_problem(path: Path) -> str | None:
-    """What is wrong with the file's format, found without unpickling anything (None: looks fine)."""
-    with path.open("rb") as f:
-        head = f.read(4)
-    if not head:
-        return "the file is empty"
-    if head.startswith(b"PK"):  # torch.save's zip format
-        try:
-            with zipfile.ZipFile(path) as z:
-                z.infolist()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            return f"the file is truncated or damaged ({exc})"
-        return None
-    if head[:1] == b"\x80":  # the legacy pickle-based format
-        return None
-    return "not a PyTorch checkpoint (it does not start like one)"
-
-
-def _why_unreadable(exc: BaseException) -> str:
-    """What ``torch.load`` refused, in one line."""
-    message = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in message:
-        found = [line.strip() for line in message.splitlines() if "Unsupported" in line]
-        return "it holds objects other than tensors, refused by weights_only=True" + (
-            f" ({found[0].split('. ')[0]})" if found else "")
-    first = message.splitlines()[0].split(". ")[0] if message else ""
-    return f"the file is truncated or damaged ({type(exc).__name__}{': ' + first if first else ''})"
-
-
-def read_checkpoint(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; ``ValueError`` with the reason on failure."""
-    if path.is_dir():
-        raise ValueError("it is a directory, not a file")
-    problem = _format_problem(path)
-    if problem:
-        raise ValueError(problem)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, damaged members, non-weights content
-        raise ValueError(_why_unreadable(exc)) from None
-
-
 def load_state_dict(path: Path, section: str) -> dict[str, Any]:
     """A model state dict from a kdcore checkpoint or a bare state dict (weights only)."""
     if not path.exists():
@@ -145,7 +106,8 @@ def load_state_dict(path: Path, section: str) -> dict[str, Any]:
     try:
         obj = read_checkpoint(path)
     except ValueError as exc:
-        raise ConfigError(f"{section}.checkpoint: cannot load {path}: {exc}") from None
+        fix = "; copy it again or name an intact checkpoint" if isinstance(exc, DamagedFile) else ""
+        raise ConfigError(f"{section}.checkpoint: cannot load {path}: {exc}{fix}") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{section}.checkpoint: {path} holds no model state dict")
@@ -155,13 +117,14 @@ def load_state_dict(path: Path, section: str) -> dict[str, Any]:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A run's ``last.pt``, checked to be a complete kdcore checkpoint.
 
-    A file that cannot be read, or that is not a kdcore ``last.pt`` (a
-    ``best.pt``, a bare state dict), is a :class:`DamagedCheckpoint` naming it.
+    A file that cannot be read (a member failing its CRC-32 check included), that
+    is not a kdcore ``last.pt`` (a ``best.pt``, a bare state dict) or whose
+    weights are not finite is a :class:`DamagedCheckpoint` naming it.
     """
     try:
         state = read_checkpoint(path)
     except ValueError as exc:
-        raise DamagedCheckpoint(f"{path}: damaged checkpoint: {exc}") from None
+        raise DamagedCheckpoint(f"{path}: damaged checkpoint: {exc}; {_START_AGAIN}") from None
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         hint = "; a best.pt holds only the model" if isinstance(state, dict) and "model" in state else ""
@@ -170,47 +133,67 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                for k in ("epoch", "step")):
         raise DamagedCheckpoint(f"{path}: damaged checkpoint: 'epoch' and 'step' must be counts, "
                                 f"got {state['epoch']!r} and {state['step']!r}")
+    for section, whose in (("model", "the student's"), ("losses", "the loss terms'")):
+        found = non_finite(state.get(section) or {})
+        if found:
+            raise DamagedCheckpoint(f"{path}: holds non-finite weights ({found[0]} entries in {whose} "
+                                    f"{found[1]!r}); {_START_AGAIN}")
     return state
 
 
-def state_mismatches(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
-    """The differences between ``model``'s parameters and ``state``, in the model's order."""
+def state_mismatches(model: nn.Module, state: Mapping[str, Any], noun: str = "model") -> list[str]:
+    """The differences between ``model``'s parameters and ``state``, in the model's order
+    (``noun``: what the messages call ``model``)."""
     own = model.state_dict()
     out = []
     for key, value in own.items():
         if key not in state:
-            out.append(f"{key!r} missing from the file (model {list(value.shape)})")
+            out.append(f"{key!r} missing from the file ({noun} {list(value.shape)})")
         elif not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape:
             got = list(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
-            out.append(f"{key!r} is {got} in the file, {list(value.shape)} in the model")
-    out += [f"{key!r} is in the file but not in the model" for key in state if key not in own]
+            out.append(f"{key!r} is {got} in the file, {list(value.shape)} in the {noun}")
+    out += [f"{key!r} is in the file but not in the {noun}" for key in state if key not in own]
     return out
 
 
-def check_state_fits(model: nn.Module, state: Mapping[str, Any], where: str, what: str) -> None:
+def check_state_fits(model: nn.Module, state: Mapping[str, Any], where: str, what: str,
+                     noun: str = "model") -> None:
     """A :class:`ConfigError` starting with ``where`` and naming the first mismatches, if any."""
-    problems = state_mismatches(model, state)
+    problems = state_mismatches(model, state, noun)
     if problems:
         more = f" (and {len(problems) - _SHOWN_MISMATCHES} more)" if len(problems) > _SHOWN_MISMATCHES else ""
         raise ConfigError(f"{where}: {what}: {'; '.join(problems[:_SHOWN_MISMATCHES])}{more}")
 
 
+def non_finite(state: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(kind, key)`` of the first floating-point tensor of ``state`` that is not finite,
+    ``kind`` being ``"NaN"`` or ``"infinite"``; None when every one is. ``aminmax`` reads a
+    tensor once and allocates no mask its size (a NaN makes both ends NaN)."""
+    for key, value in state.items() if isinstance(state, Mapping) else ():
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()):
+            continue
+        low, high = (value.float() if value.element_size() == 1 else value).aminmax()  # no float8 kernel
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            return ("NaN" if torch.isnan(low) or torch.isnan(high) else "infinite"), key
+    return None
+
+
 def check_finite_weights(state: Mapping[str, Any], where: str, path: Path) -> None:
     """A :class:`ConfigError` naming the first floating-point tensor with NaN or infinite entries."""
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            kind = "NaN" if torch.isnan(value).any() else "infinite"
-            raise ConfigError(f"{where}: {path} holds non-finite weights ({kind} entries in {key!r})")
+    found = non_finite(state)
+    if found:
+        raise ConfigError(f"{where}: {path} holds non-finite weights ({found[0]} entries in {found[1]!r})")
 
 
-def check_resume(state: Mapping[str, Any], config: Config, model: nn.Module | None = None, *,
-                 path: Path | str = "checkpoints/last.pt") -> None:
+def check_resume(state: Mapping[str, Any], config: Config, model: nn.Module | None = None,
+                 objective: Objective | None = None, *, path: Path | str = "checkpoints/last.pt") -> None:
     """Refuse (:class:`ConfigError`) a resume that ``config`` cannot continue.
 
     ``state`` is the :func:`load_checkpoint` of ``path``. Refused: no epochs
     or steps left to train (which would replace the summary with an empty one),
-    another optimizer, and a student whose parameters do not fit the
-    checkpoint's.
+    another optimizer, a student whose parameters do not fit the checkpoint's,
+    and loss terms with parameters or buffers that do not fit its ``losses``
+    (a term added, changed or removed since).
     """
     done, epochs = int(state["epoch"]), config.run.epochs
     if epochs <= done:
@@ -226,6 +209,30 @@ def check_resume(state: Mapping[str, Any], config: Config, model: nn.Module | No
                           "a resume keeps the optimizer")
     if model is not None:
         check_state_fits(model, state["model"], "student", f"{path} does not fit this student")
+    if objective is not None:
+        _check_loss_terms(objective, state.get("losses") or {}, path)
+
+
+def _check_loss_terms(objective: Objective, saved: Mapping[str, Any], path: Path | str) -> None:
+    """A :class:`ConfigError` starting with the key path of the first loss term whose state
+    does not fit ``saved`` (``last.pt``'s ``losses``), or naming the saved terms that the
+    config no longer has: ``Module.load_state_dict`` would say it in many lines, later."""
+    fitted: set[str] = set()
+    for key, module in objective.modules.items():
+        term = next(t for t in objective.terms if t.loss is module)
+        prefix = f"{key}."
+        own = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+        fitted.update(prefix + k for k in own)
+        if not own and module.state_dict():
+            raise ConfigError(f"{term.path}: loss term {term.id!r} has parameters or buffers that {path} does "
+                              "not hold (a term added since); a resume keeps the loss terms: remove it, or "
+                              "start again with --overwrite")
+        check_state_fits(module, own, term.path, f"{path} does not fit loss term {term.id!r}", "term")
+    gone = sorted({k.split(".")[0] for k in saved if k not in fitted})
+    if gone:
+        raise ConfigError(f"loss: {path} holds the state of loss term(s) {', '.join(map(repr, gone))}, which "
+                          "the config no longer has; a resume keeps the loss terms: add them back, or start "
+                          "again with --overwrite")
 
 
 def _saved_optimizer(state: Mapping[str, Any]) -> str | None:

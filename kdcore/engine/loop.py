@@ -20,9 +20,9 @@ from kdcore import config as cfg
 from kdcore.common.errors import ConfigError
 from kdcore.common.files import atomic_torch_save, atomic_write
 from kdcore.engine.batches import Batches, batch_index_lists, epoch_generator
-from kdcore.engine.checkpoints import load_checkpoint
+from kdcore.engine.checkpoints import check_resume, load_checkpoint
+from kdcore.engine.logs import JsonLines, Scalars, dumps_record
 from kdcore.engine.meter import Meter
-from kdcore.engine.rundir import JsonLines, Scalars, dumps_record
 
 
 class AuxStream:
@@ -86,12 +86,13 @@ def _save_last(trainer) -> None:
 
 
 def _resume(trainer, state: dict[str, Any] | None) -> None:
-    """Continue from ``state`` (``last.pt`` as already read and checked), else read it."""
+    """Continue from ``state`` (``last.pt`` as already read and checked), else read and check it."""
     last = trainer.out / "checkpoints" / "last.pt" if trainer.out is not None else None
     if state is None:
         if last is None or not last.exists():
             raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
         state = load_checkpoint(last)
+        check_resume(state, trainer.config, trainer.student, trainer.objective, path=last)
     if state.get("config") != cfg.dumps(trainer.config):
         _say(trainer, "kdcore: note: the configuration differs from the checkpoint's; resuming anyway")
     trainer.load_state_dict(state)

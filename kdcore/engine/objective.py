@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 from torch import Tensor, nn
 
-from kdcore.common.errors import ConfigError
+from kdcore.common.errors import ConfigError, LossTermFailure, PluginError, RunFailure, UnknownComponentError
 from kdcore.config import Config
 from kdcore.engine.taps import check_taps, tap_paths
 from kdcore.losses import LogitLoss, build
@@ -29,6 +29,25 @@ from kdcore.losses.schedule import Progress
 from kdcore.losses.weighting import GradientWeighting
 from kdcore.plugins.registry import Registry
 from kdcore.signals.buckets import TopKOutputs, bucket_loss
+
+
+#: exceptions whose message kdcore or the loss wrote for the user already: a term passes them on unchanged
+_EXPLAINED = (ConfigError, UnknownComponentError, PluginError, RunFailure)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, cut to its first line (a message must stay one line)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _not_scalar(value: Any) -> str | None:
+    """What is wrong with a term's value, or None for a 0-dim tensor. Reads only the
+    type and the shape, never the values: no device synchronisation on the hot path."""
+    if isinstance(value, Tensor):
+        return None if value.dim() == 0 else f"returned a tensor of shape {list(value.shape)}, not a scalar"
+    what = "None" if value is None else f"a {type(value).__name__}"
+    return f"returned {what}, not a scalar tensor"
 
 
 @attrs.define
@@ -66,7 +85,25 @@ class Term:
     def weight_at(self, progress: Progress) -> float:
         return self.weight if self.schedule is None else self.weight * float(self.schedule(progress))
 
-    def __call__(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> Tensor:
+    def __call__(self, student: Outputs, teacher: Outputs | None, target: Tensor,
+                 step: int | None = None) -> Tensor:
+        """The term's unweighted value, a 0-dim tensor. A loss that raises (other than
+        kdcore's own exceptions) or returns anything else is a
+        :class:`~kdcore.common.errors.LossTermFailure`
+        naming the term and ``step`` (the optimizer step's number, where the caller knows it)."""
+        try:
+            value = self._value(student, teacher, target)
+        except _EXPLAINED:
+            raise
+        except Exception as exc:
+            raise LossTermFailure(self.id, self.path, f"raised {_first_line(exc)}", step) from exc
+        problem = _not_scalar(value)
+        if problem is not None:
+            raise LossTermFailure(self.id, self.path, problem, step)
+        return value
+
+    def _value(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> Any:
+        """The loss called with what it declares it needs (see the module's docstring)."""
         if not self.uses_teacher:
             teacher = None
         if self.rows == "all":
@@ -160,9 +197,10 @@ class Objective:
         return [t for t in self.terms if weights[t.id] != 0.0 and (names is None or t.id in names)]
 
     def losses(self, student: Outputs, teacher: Outputs | None, target: Tensor,
-               weights: Mapping[str, float], names=None) -> dict[str, Tensor]:
-        """Unweighted value of every active term (among ``names`` if given)."""
-        return {t.id: t(student, teacher, target) for t in self.active(weights, names)}
+               weights: Mapping[str, float], names=None, step: int | None = None) -> dict[str, Tensor]:
+        """Unweighted value of every active term (among ``names`` if given); ``step``, the
+        optimizer step's number, goes into the message of a term that fails."""
+        return {t.id: t(student, teacher, target, step) for t in self.active(weights, names)}
 
     @staticmethod
     def total(losses: Mapping[str, Tensor], coefs: Mapping[str, float]) -> Tensor | None:

@@ -1,87 +1,32 @@
 """A run's directory: who may write it (:class:`RunDir`: ``--out`` checks, the
-lock, no silent overwrite), atomic file writes, ``metrics.jsonl``, TensorBoard
-scalars."""
+lock, no silent overwrite) and what is checked when a run opens it: that it can
+be written, that no directory or pipe stands where the run writes a file, and
+that no temporary file of a killed write is left."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import json
-import math
 import os
 import shutil
 import socket
-import warnings
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
 from kdcore.common.errors import ConfigError
-from kdcore.common.files import atomic_write, file_mode
+from kdcore.common.files import file_mode, full_disk, remove_temporaries
 
 #: What a run writes into its directory; a directory holding any of them holds a run.
-RUN_FILES = ("config.toml", "metrics.jsonl", "steps.jsonl", "summary.json", "checkpoints", "tb")
+RUN_FILES = ("config.toml", "metrics.jsonl", "steps.jsonl", "summary.json", "metrics.damaged.jsonl",
+             "steps.damaged.jsonl", "checkpoints", "tb")
+#: The entries of RUN_FILES that are directories (the others are files).
+RUN_DIRS = ("checkpoints", "tb")
+#: The files a run writes in ``checkpoints/``.
+CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/best.pt")
 LOCK_FILE = ".kdcore.lock"
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN or infinity: NaN becomes null, infinities the strings "inf"/"-inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def dumps_record(record: Mapping[str, Any], indent: int | None = None) -> str:
-    return json.dumps(_jsonable(record), indent=indent)
-
-
-class JsonLines:
-    """An append-only JSON-lines file that can be cut back to a step on resume."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def records(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(line, record)`` for every readable line; a damaged line (a half-written
-        last line after a kill or a full disk) is skipped with a warning naming it."""
-        if not self.path.exists():
-            return []
-        out = []
-        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict):
-                warnings.warn(f"{self.path}:{number}: skipped a damaged line ({line[:40]!r})", stacklevel=2)
-                continue
-            out.append((line, record))
-        return out
-
-    def truncate_after(self, step: int) -> None:
-        """Keep only records with ``step <= step`` (after a crash, before resuming)."""
-        if not self.path.exists():
-            return
-        keep = [line for line, record in self.records() if _step_of(record) <= step]
-        atomic_write(self.path, "".join(line + "\n" for line in keep))
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(dumps_record(record) + "\n")
-            f.flush()
-
-
-def _step_of(record: Mapping[str, Any]) -> int | float:
-    step = record.get("step", 0)
-    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 def check_out(out: str | os.PathLike) -> Path:
@@ -130,7 +75,7 @@ class RunLock:
     def acquire(cls, directory: Path) -> "RunLock":
         path = directory / LOCK_FILE
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+            fd = _open_lock(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -145,10 +90,19 @@ class RunLock:
             if holder and _alive_elsewhere(holder):
                 os.close(fd)
                 raise ConfigError(_held_message(path))
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n")
-            os.fsync(fd)
-            return cls(path, fd)
+            lock = cls(path, fd)
+            try:
+                lock._name_holder()
+            except OSError as exc:  # a full disk shows here first: it is the run's first write
+                lock.release()
+                raise full_disk(exc, path, "nothing was written") or exc
+            return lock
+
+    def _name_holder(self) -> None:
+        """Write this process's pid and host into the lock file."""
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n")
+        os.fsync(self.fd)
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""
@@ -157,6 +111,16 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = -1
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor, created if need be; a directory that cannot be written
+    (read-only file system, no permission) is a :class:`ConfigError`."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write {path} ({exc.strerror}); a run needs a directory it may "
+                          "write (copy the run to one)") from None
 
 
 def _inode(path: Path) -> int | None:
@@ -195,6 +159,39 @@ def _held_message(path: Path) -> str:
             f"or remove {path} if no run is using it")
 
 
+def _kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a file" if stat.S_ISREG(mode) else "a device"
+
+
+def _check_kind(path: Path, directory: bool) -> None:
+    """A :class:`ConfigError` when ``path`` exists and is not what the run writes there
+    (a directory if ``directory``, else a regular file), before any time is spent."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(mode) != directory or not (directory or stat.S_ISREG(mode)):
+        wanted = "a directory" if directory else "a file"
+        raise ConfigError(f"--out: {path} is {_kind(mode)}, where the run writes {wanted}; remove or rename it")
+
+
+def _check_writable(path: Path) -> None:
+    """A :class:`ConfigError` when the run could not write ``path`` or its subdirectories."""
+    for directory in (path, *(path / name for name in RUN_DIRS)):
+        if directory.is_dir() and not os.access(directory, os.W_OK):
+            why = ("it is on a read-only file system" if os.statvfs(directory).f_flag & os.ST_RDONLY
+                   else "no permission to write it")
+            raise ConfigError(f"--out: cannot write in {directory} ({why}); a run needs a directory it may "
+                              "write (copy the run to one)")
+
+
 class RunDir:
     """A run directory that this process may write: checked, locked, and holding
     no earlier run's results unless ``overwrite`` (or ``resume``) says so.
@@ -219,7 +216,10 @@ class RunDir:
 
         A new run into a directory that holds an earlier run's files is refused
         (``--resume`` continues it); ``overwrite`` deletes those files first.
-        Nothing but the lock file is written here.
+        Found here rather than after an epoch (:class:`ConfigError`): a directory
+        that cannot be written, and a directory or pipe where the run writes a
+        file. Once the lock is held the temporary files of killed writes are
+        removed; nothing else is written but the lock file.
         """
         path = check_out(out)
         if resume and overwrite:
@@ -233,14 +233,19 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--out: cannot create {path} ({exc.strerror})") from None
+        _check_kind(path / LOCK_FILE, directory=False)
         run_dir.lock = RunLock.acquire(path)
         try:
+            _check_writable(path)
+            remove_temporaries(path)
             found = [] if resume else holds_run(path)
             if found and not overwrite:
                 raise ConfigError(f"--out: {path} holds an earlier run ({', '.join(found)}); continue it "
                                   "with --resume, replace it with --overwrite, or choose another --out")
             if found:
                 clear_run(path)
+            for name in (*RUN_FILES, *CHECKPOINTS):
+                _check_kind(path / name, directory=name in RUN_DIRS)
         except BaseException:
             run_dir.close()
             raise
@@ -256,21 +261,3 @@ class RunDir:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-class Scalars:
-    """TensorBoard scalars under ``tb/`` (rank 0 only)."""
-
-    def __init__(self, logdir: Path, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
-
-    def add(self, scalars: Mapping[str, float], step: int) -> None:
-        for key, value in scalars.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()

@@ -136,7 +136,7 @@ class Step:
         for i, mb in enumerate(micros):
             with self._no_sync(last=i == len(micros) - 1), self.runtime.autocast():
                 s, t = self.forward(mb, active, self.model)
-                losses = self.objective.losses(s, t, mb.target, coefs)
+                losses = self.objective.losses(s, t, mb.target, coefs, step=index)
                 total = self.objective.total(losses, coefs)
             if self.sharded:
                 self.student.set_requires_gradient_sync(True)
@@ -188,7 +188,7 @@ class Step:
             terms = self.objective.active(weights, names)
             with self.runtime.autocast():
                 s, t = self.forward(b, terms, module)
-                raw = self.objective.losses(s, t, b.target, weights, names)
+                raw = self.objective.losses(s, t, b.target, weights, names, step=index)
             return raw, {k: weights[k] * v for k, v in raw.items()}
 
         raw, weighted = term_losses(batch)

@@ -5,7 +5,10 @@ A loss term with ``uses_outputs = True`` names the modules it needs in
 :func:`check_taps` validates them once, when the run is built; :class:`Tapping`
 hooks exactly those modules around one forward pass and removes the hooks
 afterwards, so the model's code is never changed and a step with no feature
-term costs nothing.
+term costs nothing. A tapped tensor is a copy of the module's output, taken in
+the hook: the model may overwrite its output in place afterwards (a
+``ReLU(inplace=True)`` after a tapped BatchNorm), and the tap keeps the values
+the module returned.
 """
 
 from __future__ import annotations
@@ -39,15 +42,17 @@ def check_taps(model: nn.Module, paths: Iterable[str], where: str, side: str) ->
             raise ConfigError(f"{where}: {side} tap {path!r} is not a module of the {side}{hint}")
 
 
-def _first_tensor(output: Any) -> Any:
-    """A module's output as a feature: a tuple or list gives its first element."""
+def _feature(output: Any) -> Any:
+    """A module's output as a feature: a tuple or list gives its first element, and a tensor
+    is cloned, so that a later in-place operation of the model cannot change it (the clone
+    carries the gradient back to the output as it was)."""
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return output
+        output = output[0]
+    return output.clone() if isinstance(output, Tensor) else output
 
 
 class Tapping:
-    """Context manager: while open, ``features[path]`` receives each tapped module's output."""
+    """Context manager: while open, ``features[path]`` receives a copy of each tapped module's output."""
 
     def __init__(self, model: nn.Module, paths: Iterable[str]):
         self.model, self.paths = model, tuple(dict.fromkeys(paths))
@@ -63,7 +68,7 @@ class Tapping:
 
     def _hook(self, path: str):
         def store(module, args, output):
-            self.features[path] = _first_tensor(output)
+            self.features[path] = _feature(output)
         return store
 
     def __exit__(self, *exc) -> None:

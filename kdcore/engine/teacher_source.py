@@ -18,7 +18,9 @@ the teacher's features or a batch policy replaces the inputs.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdcore.common.errors import ConfigError
+from kdcore.common.errors import ConfigError, RunFailure
 from kdcore.config import Config
 from kdcore.config import resolve_path
 from kdcore.data import DataSplits
@@ -76,6 +78,34 @@ class ModelTeacher:
         return forward(self.forward, inputs, self.teacher, taps, batch.index)
 
 
+def _reserve(file, size: int, directory: Path) -> None:
+    """Give the cache's spill ``file`` its ``size`` bytes on the disk before it is memory-mapped:
+    a write through the map to a full disk would end the process with SIGBUS, no message and
+    no checkpoint. Where the filesystem cannot reserve space (``posix_fallocate`` unsupported)
+    the file is written with zeros. A full disk is a :class:`RunFailure` naming the file."""
+    try:
+        try:
+            os.posix_fallocate(file.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            _write_zeros(file.fileno(), size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        mib = -(-size // 2**20)
+        raise RunFailure(f"no space left on the device for the teacher cache file in {directory} ({mib} MiB); "
+                         f"free space there, set teacher.cache_budget_mb >= {mib} to keep the cache in the "
+                         "run device's memory instead, or set teacher.cache = false") from None
+
+
+def _write_zeros(fd: int, size: int, chunk: int = 2**20) -> None:
+    """Write ``size`` zero bytes at the start of ``fd`` (the filesystem allocates them)."""
+    zeros = memoryview(bytes(chunk))
+    for offset in range(0, size, chunk):
+        os.pwrite(fd, zeros[:min(chunk, size - offset)], offset)
+
+
 class _Rows:
     """Fixed-shape rows by sample index: a device tensor, or an anonymous memory-mapped file."""
 
@@ -90,7 +120,11 @@ class _Rows:
             if spill_dir is not None:
                 spill_dir.mkdir(parents=True, exist_ok=True)
             self._file = tempfile.TemporaryFile(dir=spill_dir, prefix=".kdcore-teacher-cache-")
-            self._file.truncate(n * self.row_bytes)
+            try:
+                _reserve(self._file, n * self.row_bytes, Path(spill_dir or tempfile.gettempdir()))
+            except BaseException:
+                self._file.close()
+                raise
             self.data = np.memmap(self._file, dtype=np.uint8, mode="r+", shape=(n, self.row_bytes))
 
     def put(self, index: Tensor, value: Tensor) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from kdcore.common.errors import ConfigError, PluginError, UnknownComponentError
+from kdcore.common.params import finite
 from kdcore.common.pyrefs import is_python_ref, resolve
 from kdcore.plugins.hookspecs import KINDS
 
@@ -151,16 +152,53 @@ def accepted_parameters(factory: Callable[..., Any]) -> tuple[set[str], bool]:
 
 
 def check_parameters(component: Component, params: Mapping[str, Any]) -> None:
-    """Raise :class:`ConfigError` for a parameter the factory does not take."""
+    """Raise :class:`ConfigError` for a parameter the factory does not take, or for
+    ``inf`` / ``nan`` anywhere in a parameter's value (every component's parameters,
+    from a config file or from :meth:`Registry.create`, pass here)."""
     accepted, open_ended = accepted_parameters(component.factory)
-    if open_ended:
-        return
-    for key in params:
-        if key not in accepted:
+    for key, value in params.items():
+        if not open_ended and key not in accepted:
             ok = ", ".join(sorted(accepted)) or "none"
             raise ConfigError(
                 f"{key}: unknown parameter of {component.kind} {component.name!r} (accepted: {ok})"
             )
+        finite(key, value)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed (Python's, NumPy's or torch's)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _largest_size(value: Any, path: str) -> tuple[str, int] | None:
+    """The key path and value of the largest integer in ``value`` (nested tables and
+    lists; seeds left out): the size most likely to blame when building runs out of memory."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if path.rsplit(".", 1)[-1] == "seed" else (path, value)
+    if isinstance(value, Mapping):
+        items = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    found = [size for size in (_largest_size(v, p) for p, v in items) if size is not None]
+    return max(found, key=lambda size: size[1], default=None)
+
+
+def _too_large(kind: str, name: str, params: Mapping[str, Any], exc: BaseException) -> ConfigError:
+    """A :class:`ConfigError` for parameters that need more memory than there is, naming
+    the largest size among them (``hidden[0]: 2000000000 needs more memory ...``)."""
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    detail = f"asked for {int(asked.group(1)):,} bytes" if asked else \
+        f"failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
+    largest = _largest_size(params, "")
+    if largest is None:
+        return ConfigError(f"{kind} {name!r}: these parameters need more memory than there is ({detail})")
+    key, value = largest
+    return ConfigError(f"{key}: {value} needs more memory than there is ({kind} {name!r} {detail}); lower it")
 
 
 @attrs.frozen
@@ -197,7 +235,8 @@ class Registry:
         """Build component ``name`` of ``kind`` with keyword ``params``.
 
         Unknown names raise :class:`UnknownComponentError` with close matches;
-        unknown or invalid parameters raise :class:`ConfigError`.
+        unknown or invalid parameters raise :class:`ConfigError`, and so do
+        parameters that need more memory than there is.
         """
         component = self.get(kind, name)
         check_parameters(component, params)
@@ -208,3 +247,7 @@ class Registry:
             raise
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{kind} {name!r}: {exc}") from exc
+        except (MemoryError, RuntimeError) as exc:  # e.g. a dataset of 2e9 samples, a layer no memory holds
+            if not _out_of_memory(exc):
+                raise
+            raise _too_large(kind, name, params, exc) from None

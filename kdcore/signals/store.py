@@ -23,12 +23,21 @@ shard ``i // shard_samples``. A record holds, in this order:
 Bits are packed little-endian within bytes; numbers are little-endian. Files
 are written atomically (a temporary file, then a rename), so a shard exists
 whole or not at all, which is what makes an interrupted capture resumable.
+
+Integrity: the manifest records the SHA-256 of every shard file
+(``shard_sha256``), checked the first time a :class:`StoreReader` reads the
+shard, and every record read is checked for values no capture writes
+(:func:`check_values`). Damage is named by file and sample, with the capture
+command that rewrites it (:func:`capture_command`). Stores written before
+digests existed are read with the value checks only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdcore.common.errors import ConfigError
+from kdcore.common.errors import ConfigError, RunFailure
 from kdcore.common.files import atomic_write
 
 FORMAT = "kdcore-teacher-store"
@@ -47,6 +56,36 @@ MANIFEST = "manifest.json"
 VALUE_CODINGS = ("float32", "float16", "uint8")
 #: uint8 codes span [0, 255]
 _LEVELS = 255
+#: the manifest's key for the SHA-256 (hex) of each shard file, by file name
+DIGESTS = "shard_sha256"
+#: the manifest's key for the arguments of the capture that wrote the store (all but ``--out``)
+CAPTURE_ARGS = "capture_args"
+#: how far above 0 a stored log-probability may be (rounding of a most likely class's log p = 0)
+_LOGP_SLACK = 1e-5
+#: per value coding: the relative rounding of a decoded log-probability (float16 keeps 11 bits;
+#: uint8 codes add half a step, see _mass_and_slack)
+_RELATIVE = {"float32": 2.0**-23, "float16": 2.0**-10, "uint8": 2.0**-22}
+#: uint8: a step below float16's normal range is rounded to a multiple of 2**-24, so the
+#: largest code (255) can fall short of the row's spread by up to 255 half multiples
+_UINT8_CLIP = _LEVELS * 2.0**-25
+#: what summing the kept mass in float32 may add to its distance from 1 (cascaded sums of up
+#: to 2**17 terms err by about 17 float32 roundings, 1e-6)
+_MASS_SLACK = 1e-5
+#: records decoded at a time when a whole shard is checked (bounds the memory of the check)
+_CHECK_ROWS = 2**16
+
+
+class DamagedRecord(ValueError):
+    """A record no capture writes: ``row`` (among the records decoded or checked) and ``reason``."""
+
+    def __init__(self, row: int, reason: str):
+        super().__init__(f"record {row}: {reason}")
+        self.row, self.reason = row, reason
+
+
+class DamagedStore(RunFailure):
+    """A shard of a store found missing or damaged while it is read (exit 1); the message
+    names the file and the samples and gives the capture command that rewrites it."""
 
 
 def shard_name(j: int) -> str:
@@ -119,10 +158,13 @@ def _bits(values: np.ndarray, width: int) -> np.ndarray:
 
 
 def _ones_positions(bits: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the set bits of each row (exactly ``k`` per row) ``[m, k]``."""
+    """Column indices of the set bits of each row (exactly ``k`` per row) ``[m, k]``; a row
+    with another count is a :class:`DamagedRecord` (its ids cannot be told apart)."""
     rows, cols = np.nonzero(bits)
     if rows.shape[0] != bits.shape[0] * k:
-        raise ValueError("damaged store: a record does not hold k ids")
+        counts = bits.sum(axis=1, dtype=np.int64)
+        row = int(np.nonzero(counts != k)[0][0])
+        raise DamagedRecord(row, f"it codes {counts[row]} ids, not k = {k}")
     return cols.reshape(bits.shape[0], k)
 
 
@@ -187,6 +229,50 @@ def decode(layout: Layout, records: np.ndarray) -> tuple[Tensor, Tensor, Tensor 
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(logp)), rest
 
 
+def _mass_and_slack(layout: Layout, top: Tensor, low: Tensor, logp: Tensor,
+                    rest: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per row: the kept plus tail mass of decoded log-probabilities ``logp`` ``[m, k]``
+    (``top`` and ``low``: their row maxima and minima, float64), and how far from 1 the value
+    coding lets it be: each value is off by at most its coding's relative rounding of the
+    largest magnitude, plus for uint8 half a step (the row's spread over 255) and
+    ``_UINT8_CLIP``, so the kept mass by at most ``expm1`` of twice that; summing in
+    float32 adds ``_MASS_SLACK``."""
+    kept = logp.float().exp().sum(-1).double()
+    drift = -low * _RELATIVE[layout.values]
+    if layout.values == "uint8":
+        drift = drift + (top - low) * (0.5 + 2.0**-10) / _LEVELS + _UINT8_CLIP
+    mass, slack = kept, kept * torch.expm1(2 * drift) + _MASS_SLACK
+    if rest is not None:
+        r = rest.double()
+        mass, slack = mass + r.exp(), slack + r.exp() * torch.expm1(2 * r.abs() * _RELATIVE["float32"])
+    return mass, slack
+
+
+def check_values(layout: Layout, ids: Tensor, logp: Tensor, rest: Tensor | None) -> None:
+    """Raise :class:`DamagedRecord` for the first row that no capture writes: a NaN, a
+    log-probability above 0, ids outside ``0 .. num_classes - 1`` or not strictly ascending
+    (repeated), or kept and tail mass that do not sum to 1 within the value coding's rounding.
+    ``ids``, ``logp`` ``[m, k]`` and ``rest`` ``[m]`` as :func:`decode` gives them."""
+    if ids.shape[0] == 0:
+        return
+    top, low = logp.amax(-1).double(), logp.amin(-1).double()  # NaN where the row holds one
+    mass, slack = _mass_and_slack(layout, top, low, logp, rest)
+    checks = [(top.isnan(), lambda r: "a log-probability is NaN"),
+              (top > _LOGP_SLACK, lambda r: f"a log-probability is {top[r].item():.4g} > 0"),
+              ((mass - 1).abs() > slack, lambda r: f"its kept and tail mass sum to {mass[r].item():.6g}, not 1")]
+    if layout.ids != "bitmap":  # a bitmap's ids are distinct, ascending and in range by construction
+        checks[2:2] = [((ids[:, 0] < 0) | (ids[:, -1] >= layout.num_classes),
+                        lambda r: f"an id is {ids[r].max().item()}, outside 0..{layout.num_classes - 1}"),
+                       ((ids[:, 1:] <= ids[:, :-1]).any(-1), lambda r: "its ids repeat or are out of order")]
+    if rest is not None:
+        checks.insert(1, (rest.isnan(), lambda r: "the tail's log-mass is NaN"))
+        checks.insert(2, (rest > _LOGP_SLACK, lambda r: f"the tail's log-mass is {rest[r].item():.4g} > 0"))
+    first = [(int(bad.nonzero()[0, 0]), i) for i, (bad, _) in enumerate(checks) if bool(bad.any())]
+    if first:
+        row, i = min(first)
+        raise DamagedRecord(row, checks[i][1](row))
+
+
 def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """The teacher's top-k of ``logits`` ``[m, C]`` at temperature 1: ids sorted ascending,
     their log-probabilities and the log of the remaining mass (None when ``k = C``), in float64."""
@@ -205,6 +291,17 @@ def write_shard(root: Path, j: int, records: np.ndarray) -> None:
     atomic_write(root / shard_name(j), records.tobytes())
 
 
+def records_sha256(records: np.ndarray) -> str:
+    """The SHA-256 (hex) of the shard file :func:`write_shard` makes of ``records``."""
+    return hashlib.sha256(np.ascontiguousarray(records)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     atomic_write(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -215,20 +312,60 @@ def remove_partial(root: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def capture_command(root: Path, manifest: Mapping[str, Any]) -> str:
+    """The ``kdcore capture`` command that wrote (and rewrites) the store at ``root``, from the
+    arguments its manifest records; a template where it records none (stores of kdcore 0.1)."""
+    args = manifest.get(CAPTURE_ARGS)
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        return f"kdcore capture CONFIG.toml --out {shlex.quote(str(root))} (with the arguments it was made with)"
+    return shlex.join(["kdcore", "capture", args[0], "--out", str(root), *args[1:]])
+
+
+def _check_manifest(root: Path, manifest: dict[str, Any], where: str) -> None:
+    """Refuse a manifest that lacks an entry or holds one that cannot be (a damaged file):
+    one line naming it, and that the store must be captured anew."""
+    try:
+        layout = Layout.from_json(manifest["layout"])
+        n, per, shards = int(manifest["n"]), int(manifest["shard_samples"]), int(manifest["shards"])
+        sizes = [int(manifest["positions"]), int(manifest["layout"]["record_bytes"]),
+                 *(int(s) for s in manifest["target_shape"])]
+        problem = None
+        if not isinstance(manifest["complete"], bool):
+            problem = "its 'complete' is not true or false"
+        elif n < 1 or per < 1 or min(sizes) < 0 or shards != shard_count(n, per):
+            problem = "its sample and shard counts disagree"
+        elif sizes[1] != layout.record_bytes:
+            problem = "its layout's record_bytes disagrees with the layout"
+        elif not isinstance(manifest.get(DIGESTS, {}), dict):
+            problem = f"its {DIGESTS!r} is not a table"
+    except KeyError as exc:
+        problem = f"it lacks {exc.args[0]!r}"
+    except (TypeError, ValueError, AttributeError):
+        problem = "an entry of it has the wrong type"
+    if problem is not None:
+        raise ConfigError(f"{where}: {root / MANIFEST} is damaged ({problem}); delete {root} and capture it "
+                          f"again: {capture_command(root, manifest)}")
+
+
 def read_manifest(root: Path, where: str) -> dict[str, Any] | None:
     """The manifest of the store at ``root`` (None where there is none); ``where`` names the key in errors."""
     path = root / MANIFEST
     if not path.exists():
         return None
+    if not path.is_file():  # a FIFO would block the read
+        raise ConfigError(f"{where}: {path} is not a regular file; delete {root} and capture it again: "
+                          f"{capture_command(root, {})}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: {path} is not a readable store manifest ({exc})") from None
+        raise ConfigError(f"{where}: {path} is not a readable store manifest ({exc}); delete {root} and capture "
+                          f"it again: {capture_command(root, {})}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{where}: {root} is not a kdcore teacher store (its manifest.json is not one)")
     if manifest.get("version") != VERSION:
         raise ConfigError(f"{where}: {root} is a store of format version {manifest.get('version')!r}; "
                           f"this kdcore reads version {VERSION}")
+    _check_manifest(root, manifest, where)
     return manifest
 
 
@@ -236,16 +373,41 @@ def shard_count(n: int, shard_samples: int) -> int:
     return -(-n // shard_samples)
 
 
+def shard_samples_of(j: int, manifest: Mapping[str, Any]) -> range:
+    """The sample indices shard ``j`` holds."""
+    n, per = int(manifest["n"]), int(manifest["shard_samples"])
+    return range(j * per, min(n, (j + 1) * per))
+
+
+def size_problem(root: Path, j: int, manifest: Mapping[str, Any]) -> str | None:
+    """What is wrong with shard ``j``'s file short of reading it: None when it exists with the
+    size the manifest implies, else "is missing" or its wrong size."""
+    path = root / shard_name(j)
+    want = len(shard_samples_of(j, manifest)) * int(manifest["positions"]) * int(manifest["layout"]["record_bytes"])
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    return None if size == want else f"has {size} bytes, not {want}"
+
+
 def shard_done(root: Path, j: int, manifest: Mapping[str, Any]) -> bool:
     """Whether shard ``j`` exists with the size the manifest implies."""
-    path = root / shard_name(j)
-    n, per = int(manifest["n"]), int(manifest["shard_samples"])
-    rows = (min(n, (j + 1) * per) - j * per) * int(manifest["positions"])
-    return path.exists() and path.stat().st_size == rows * int(manifest["layout"]["record_bytes"])
+    return size_problem(root, j, manifest) is None
+
+
+def describe_shard(root: Path, j: int, manifest: Mapping[str, Any]) -> str:
+    """``ROOT/shard-0000j.bin (samples a..b)``, for messages."""
+    samples = shard_samples_of(j, manifest)
+    return f"{root / shard_name(j)} (samples {samples.start}..{samples.stop - 1})"
 
 
 class StoreReader:
-    """Reads a complete store by sample index (memory-mapped shards)."""
+    """Reads a complete store by sample index (memory-mapped shards).
+
+    The first read of a shard checks its file against the manifest's SHA-256 (where the
+    manifest has one), and every record read goes through :func:`check_values`; damage
+    is a :class:`DamagedStore` naming the shard, the sample and the command to rewrite it."""
 
     def __init__(self, root: Path, manifest: Mapping[str, Any]):
         self.root, self.manifest = root, manifest
@@ -253,10 +415,13 @@ class StoreReader:
         self.n, self.shard_samples = int(manifest["n"]), int(manifest["shard_samples"])
         self.positions = int(manifest["positions"])
         self.target_shape = tuple(int(s) for s in manifest["target_shape"])
+        self.digests: Mapping[str, str] = manifest.get(DIGESTS) or {}
         self._maps: dict[int, np.ndarray] = {}
 
     @classmethod
     def open(cls, root: str | Path, where: str = "teacher.store") -> "StoreReader":
+        """The store at ``root``, refused (:class:`ConfigError` naming ``where``) where it is not a
+        complete store or a shard is missing or of the wrong size."""
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(f"{where}: no teacher store at {root} (make one with `kdcore capture`)")
@@ -264,19 +429,31 @@ class StoreReader:
         if manifest is None:
             raise ConfigError(f"{where}: {root} holds no manifest.json (not a teacher store)")
         if not manifest.get("complete"):
-            raise ConfigError(f"{where}: the capture into {root} is not complete; run the same "
-                              "`kdcore capture` again to finish it")
-        missing = [j for j in range(int(manifest["shards"])) if not shard_done(root, j, manifest)]
-        if missing:
-            raise ConfigError(f"{where}: {root} misses or has damaged shard(s) "
-                              f"{', '.join(shard_name(j) for j in missing[:3])}")
+            raise ConfigError(f"{where}: the capture into {root} is not complete; run the same capture again "
+                              f"to finish it: {capture_command(root, manifest)}")
+        bad = [(j, p) for j in range(int(manifest["shards"])) if (p := size_problem(root, j, manifest))]
+        if bad:
+            (j, problem), more = bad[0], len(bad) - 1
+            raise ConfigError(f"{where}: {describe_shard(root, j, manifest)} {problem}"
+                              f"{f' (and {more} more shards)' if more else ''}; run the same capture again to "
+                              f"rewrite it: {capture_command(root, manifest)}")
         return cls(root, manifest)
 
+    def _damaged(self, j: int, problem: str) -> DamagedStore:
+        return DamagedStore(f"{describe_shard(self.root, j, self.manifest)} {problem}; run the same capture "
+                            f"again to rewrite it: {capture_command(self.root, self.manifest)}")
+
     def _shard(self, j: int) -> np.ndarray:
+        """Shard ``j`` memory-mapped, its size and digest checked the first time."""
         if j not in self._maps:
-            rows = (min(self.n, (j + 1) * self.shard_samples) - j * self.shard_samples) * self.positions
-            self._maps[j] = np.memmap(self.root / shard_name(j), dtype=np.uint8, mode="r",
-                                      shape=(rows, self.layout.record_bytes))
+            path = self.root / shard_name(j)
+            problem = size_problem(self.root, j, self.manifest)
+            if problem is None and shard_name(j) in self.digests and file_sha256(path) != self.digests[shard_name(j)]:
+                problem = "is damaged (its SHA-256 differs from the one in manifest.json)"
+            if problem is not None:
+                raise self._damaged(j, problem)
+            rows = len(shard_samples_of(j, self.manifest)) * self.positions
+            self._maps[j] = np.memmap(path, dtype=np.uint8, mode="r", shape=(rows, self.layout.record_bytes))
         return self._maps[j]
 
     def records(self, index: Tensor) -> np.ndarray:
@@ -293,10 +470,25 @@ class StoreReader:
         return out.reshape(-1, self.layout.record_bytes)
 
     def read(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(ids [n, *target_shape, k], logp [.., k], log_rest [n, *target_shape] or None)``."""
-        ids, logp, rest = decode(self.layout, self.records(index))
+        """``(ids [n, *target_shape, k], logp [.., k], log_rest [n, *target_shape] or None)``,
+        every record checked (:func:`check_values`)."""
+        try:
+            ids, logp, rest = decode(self.layout, self.records(index))
+            check_values(self.layout, ids, logp, rest)
+        except DamagedRecord as exc:
+            sample = int(index[exc.row // self.positions])
+            at = f"sample {sample}" + (f", position {exc.row % self.positions}" if self.positions > 1 else "")
+            raise self._damaged(sample // self.shard_samples, f"holds a damaged record at {at} ({exc.reason})") \
+                from None
         shape = (index.shape[0], *self.target_shape)
         return (ids.view(*shape, -1), logp.view(*shape, -1), None if rest is None else rest.view(shape))
+
+    def check_shard(self, j: int) -> None:
+        """Read every record of shard ``j`` (a :class:`DamagedStore` where one is damaged)."""
+        samples = shard_samples_of(j, self.manifest)
+        step = max(1, _CHECK_ROWS // self.positions)
+        for start in range(samples.start, samples.stop, step):
+            self.read(torch.arange(start, min(start + step, samples.stop)))
 
     @property
     def bytes_per_position(self) -> int:

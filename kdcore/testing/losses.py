@@ -142,7 +142,11 @@ def check_outputs_loss(loss, student: nn.Module | None = None, teacher: nn.Modul
     - ``gradients``: finite gradients on the student's (and the loss's own)
       parameters, not all zero;
     - ``teacher_detached``: no gradient reaches the teacher's parameters;
-    - ``float64``: float64 models and inputs give a finite float64 value.
+    - ``float64``: float64 models and inputs give a finite float64 value from a
+      copy of the term taken before its first call, with its initialised
+      parameters and buffers cast to float64 and its lazy ones not: connectors
+      created on the first call follow the features' dtype (a term cast whole
+      with ``.double()`` before its first call would hide a connector that does not).
     """
     skip = skipped("outputs_loss", loss, skip)
     assert isinstance(loss, nn.Module), "a uses_outputs term is a torch.nn.Module (the engine moves and saves it)"
@@ -155,6 +159,7 @@ def check_outputs_loss(loss, student: nn.Module | None = None, teacher: nn.Modul
     y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(3))
     if callable(getattr(loss, "bind", None)):
         loss.bind(student, teacher)
+    fresh = None if "float64" in skip else copy.deepcopy(loss)
     s_paths = tap_paths(getattr(loss, "student_taps", ()))
     t_paths = tap_paths(getattr(loss, "teacher_taps", ())) if uses_teacher else ()
     if "taps" not in skip:
@@ -162,15 +167,15 @@ def check_outputs_loss(loss, student: nn.Module | None = None, teacher: nn.Modul
         if teacher is not None:
             check_taps(teacher, t_paths, type(loss).__name__, "teacher")
 
-    def call(s_model, t_model, inp):
+    def call(term, s_model, t_model, inp):
         s_out = _outputs(s_model, s_paths, inp)
         with torch.no_grad():
             t_out = None if t_model is None else _outputs(t_model, t_paths, inp)
-        return loss(s_out, t_out, y)
+        return term(s_out, t_out, y)
 
     with torch.no_grad():
-        call(student, teacher, x)  # lazy connectors take their shapes, as in the engine's first pass
-    value = call(student, teacher, x)
+        call(loss, student, teacher, x)  # lazy connectors take their shapes, as in the engine's first pass
+    value = call(loss, student, teacher, x)
     if "value" not in skip:
         assert isinstance(value, Tensor) and value.dim() == 0, f"a loss returns a 0-dim tensor, got {value!r}"
         assert torch.isfinite(value), f"loss value {value}"
@@ -187,10 +192,21 @@ def check_outputs_loss(loss, student: nn.Module | None = None, teacher: nn.Modul
         assert not leaked, f"gradients reach the teacher: {leaked}"
     if "float64" not in skip:
         s64, t64 = copy.deepcopy(student).double(), None if teacher is None else copy.deepcopy(teacher).double()
-        loss.double()
+        _initialised_to_float64(fresh)
         try:
             with torch.no_grad():
-                v64 = call(s64, t64, x.double())
-        finally:
-            loss.float()
+                v64 = call(fresh, s64, t64, x.double())
+        except RuntimeError as exc:
+            raise AssertionError(f"float64 features, the term's lazy connectors not cast: {exc}") from exc
         assert v64.dtype == torch.float64 and torch.isfinite(v64), f"float64 inputs give {v64!r}"
+        other = [n for n, p in fresh.named_parameters() if p.dtype != torch.float64]
+        assert not other, f"parameters created for float64 features are not float64: {other}"
+
+
+def _initialised_to_float64(module: nn.Module) -> None:
+    """Cast ``module``'s initialised floating parameters and buffers to float64 in place,
+    leaving uninitialised (lazy) ones as they are, so that these must follow the features."""
+    lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+    for t in [*module.parameters(), *module.buffers()]:
+        if not isinstance(t, lazy) and t.is_floating_point():
+            t.data = t.data.double()

@@ -11,9 +11,10 @@ The engine seam (contract, "Model outputs, feature taps and trainable loss terms
   ``bind(student_model, teacher_model)``, which the engine calls before it reads
   the taps;
 * connectors whose shapes depend on the features are created on the first call,
-  from the shapes of the first batch's features. Until then the loss holds an
-  :class:`torch.nn.parameter.UninitializedParameter` (``_pending``, or a torch
-  ``Lazy*`` module's weight), so the engine runs one shape-inference pass
+  from the shapes, device and dtype of the first batch's features (not torch's
+  ``Lazy*`` modules, which keep the dtype they were constructed with). Until then the
+  loss holds an :class:`torch.nn.parameter.UninitializedParameter` (``_pending``),
+  so the engine runs one shape-inference pass
   (no grad) on the first batch before it builds the optimizer; that pass changes
   no state but the connectors' creation (CRD's bank and normaliser only move in
   calls with grad enabled).

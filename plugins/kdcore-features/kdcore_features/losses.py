@@ -270,12 +270,12 @@ class VID(LazyConnectors):
 
 
 # -- CRD -----------------------------------------------------------------------------------------
-class CRD(FeatureLoss):
+class CRD(LazyConnectors):
     """Contrastive representation distillation (Tian et al. 2020, eqs. 18-19, the NCE form
     with a memory bank, as the authors' code).
 
     ``v_s = normalize(W_s f_s)``, ``v_t = normalize(W_t f_t)`` (linear embeddings to
-    ``embed_dim = 128``, ``nn.LazyLinear``); for each sample its own bank row (the
+    ``embed_dim = 128``, lazy connectors built on the first call); for each sample its own bank row (the
     positive, at the sample's dataset index ``outputs.index``) and ``num_negatives``
     rows drawn uniformly (``torch.randint``) from the bank; scores
     ``h = exp(<v, m> / T) / Z`` with ``Z`` fixed on the first training batch to
@@ -315,12 +315,15 @@ class CRD(FeatureLoss):
         self.momentum = params.in_range("momentum", momentum, 0.0, 1.0)
         if len(self.student_taps or [None]) != 1 or len(self.teacher_taps or [None]) != 1:
             raise ConfigError("crd: takes one student and one teacher tap")
-        self.embed_student = nn.LazyLinear(self.embed_dim)
-        self.embed_teacher = nn.LazyLinear(self.embed_dim)
         stdv = 1.0 / math.sqrt(self.embed_dim / 3)
         self.register_buffer("memory_student", torch.rand(self.num_data, self.embed_dim) * (2 * stdv) - stdv)
         self.register_buffer("memory_teacher", torch.rand(self.num_data, self.embed_dim) * (2 * stdv) - stdv)
         self.register_buffer("normaliser", torch.full((2,), -1.0))
+
+    def build(self, fs, ft, student, teacher):
+        s, t = pool_vector(fs[0]), pool_vector(ft[0])
+        return {"embed_student": nn.Linear(s.shape[1], self.embed_dim),
+                "embed_teacher": nn.Linear(t.shape[1], self.embed_dim)}
 
     def _scores(self, bank: Tensor, v: Tensor, rows: Tensor) -> Tensor:
         """``[N, K + 1]`` dot products ``bank[rows[i, j]] . v[i]``. Where the bank has at most

@@ -390,7 +390,7 @@ def losses_under_test():
         "pkt": (PKT("b", "y"), False),
         "relational": (Relational("b", "y"), False),
         "vid": (VID(["a", "b"], ["x", "y"]), True),
-        "crd": (CRD("b", "y", num_data=10, num_negatives=6).double(), True),
+        "crd": (CRD("b", "y", num_data=10, num_negatives=6), True),  # not cast: connectors follow the features
         "reviewkd": (ReviewKD(["a", "b"], ["x", "y"]), True),
         "uskd": (USKD("b"), True),
     }
@@ -428,7 +428,7 @@ def test_connector_parameter_counts():
     vid = VID("a", "x")
     vid(outs({"a": rand(2, 3, 8, 8)}), outs({"x": rand(2, 6, 8, 8)}))
     assert sum(p.numel() for p in vid.parameters()) == 3 * 6 + 6 * 6 + 6 * 6 + 6
-    crd = CRD("a", "x", num_data=5, num_negatives=3, embed_dim=4).double()
+    crd = CRD("a", "x", num_data=5, num_negatives=3, embed_dim=4)
     crd(outs({"a": rand(2, 3)}, index=torch.tensor([0, 1])), outs({"x": rand(2, 6)}))
     assert sum(p.numel() for p in crd.parameters()) == (3 * 4 + 4) + (6 * 4 + 4)
     assert sum(p.numel() for p in AT("a", "x").parameters()) == 0

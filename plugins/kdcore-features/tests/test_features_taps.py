@@ -68,3 +68,35 @@ def test_losses_bind_and_run_on_zoo_pairs_without_naming_layers(student, teacher
     value = loss(kdcore.Outputs(zs, features=fs, index=idx), kdcore.Outputs(zt, features=ft, index=idx),
                  torch.arange(4))
     assert value.dim() == 0 and torch.isfinite(value)
+
+
+# -- a tap keeps the module's output when the model overwrites it in place ---------------------------
+def test_a_tap_before_an_inplace_relu_keeps_the_modules_output():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=True))
+    x = torch.randn(8, 4)
+    expected = x @ model[0].weight.detach().t() + model[0].bias.detach()
+    assert (expected < 0).any()  # the in-place ReLU changes these
+    with Tapping(model, ["0"]) as feats:
+        out = model(x)
+    assert torch.equal(feats["0"], expected) and torch.equal(out, expected.clamp(min=0))
+    feats["0"].sum().backward()  # d/dW of sum(W x + b) is the column sums of x for every row: no ReLU mask
+    assert torch.allclose(model[0].weight.grad, x.sum(0).expand(6, 4))
+
+
+def test_wrn_taps_reach_the_pre_activation_features():
+    """On wrn_16_2 (eval), ``post.0`` is the final BatchNorm before the in-place ReLU, and
+    ``stages.{1,2}.0.pre.0`` the BatchNorm of the next stage's input: the pre-activation
+    features ReviewKD's reference reads from a WRN teacher (``bn(f_1)``, ``bn(f_2)``, ``bn(f_3)``)."""
+    model = kdcore.create("backbone", "wrn_16_2", num_classes=10).eval()
+    for m in model.modules():  # non-trivial statistics, so that BN is no identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    paths = ["stages.0", "stages.1", "stages.2", "stages.1.0.pre.0", "stages.2.0.pre.0", "post.0", "post"]
+    with torch.no_grad(), Tapping(model, paths) as feats:
+        model(torch.randn(2, 3, 32, 32))
+        assert torch.equal(feats["post.0"], model.post[0](feats["stages.2"])) and (feats["post.0"] < 0).any()
+        assert torch.equal(feats["post"], feats["post.0"].clamp(min=0))
+        assert torch.equal(feats["stages.1.0.pre.0"], model.stages[1][0].pre[0](feats["stages.0"]))
+        assert torch.equal(feats["stages.2.0.pre.0"], model.stages[2][0].pre[0](feats["stages.1"]))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,7 @@ def _missing_path_error(path: str) -> ConfigError:
 
 
 def _load_pretrained(path: str, allow_download: bool, dtype, attn_implementation):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     p = Path(path).expanduser()
@@ -202,6 +204,38 @@ def _load_pretrained(path: str, allow_download: bool, dtype, attn_implementation
     except OSError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"path: cannot load a causal LM from {path}: {first}") from None
+    except (SafetensorError, json.JSONDecodeError) as exc:
+        raise _damaged_weights_error(path, p, exc) from None
+
+
+def _first_damaged(p: Path) -> tuple[Path, Exception] | None:
+    """The first file of model directory ``p`` that does not parse, with its error: a
+    ``*.safetensors`` whose header does not read (truncated, overwritten) or a ``*.index.json``
+    that is not JSON; None when every one reads (or ``p`` is no directory)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not p.is_dir():
+        return None
+    for file in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.index.json")):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            else:
+                json.loads(file.read_text(encoding="utf-8"))
+        except (SafetensorError, ValueError, OSError) as exc:
+            return file, exc
+    return None
+
+
+def _damaged_weights_error(path: str, p: Path, exc: Exception) -> ConfigError:
+    """The config error for weights that do not parse, naming the damaged file (neither
+    safetensors' nor json's message names it) and what to do."""
+    found = _first_damaged(p)
+    where, exc = found if found else (f"a weights file of {path}", exc)
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"path: {where} is damaged ({reason}); download the model again or re-save it "
+                       "with save_pretrained")
 
 
 def _lora(model: nn.Module, spec: Mapping[str, Any]) -> None:

@@ -18,6 +18,13 @@ turns, padding, and the last position of every document). Documents longer
 than ``max_length`` are cut to their first ``max_length`` tokens; documents
 left with no target are dropped (counted in ``meta["dropped"]``).
 
+Files are read line by line and a document is never tokenized whole when
+``max_length`` needs only its beginning: each text is tokenized in windows
+of growing length (:meth:`Encoder.first_tokens`), so a 40 MB document costs
+what its first ``max_length`` tokens cost. Lines that are not UTF-8, and
+strings that hold a lone surrogate (a ``\\ud800`` escape), are config errors
+naming the file and line.
+
 Without packing every document is one row, right-padded to ``max_length``
 (inputs ``input_ids`` and ``attention_mask``). With ``packing = true``
 documents are laid end to end into rows of ``max_length`` (whole documents
@@ -30,8 +37,11 @@ crosses a document boundary.
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,13 @@ from kdcore.common.errors import ConfigError
 from kdcore.data import DataSplits, TensorSplit
 
 IGNORE_INDEX = -100
+#: characters per token of the first window a text is tokenized in (doubled while too few tokens)
+WINDOW_CHARS_PER_TOKEN = 8
+#: tokens a window must hold past those kept: a window's cut changes only the tokens next to it
+WINDOW_MARGIN = 32
+#: the fields of a record that are tokenized
+TEXT_FIELDS = ("text", "prompt", "completion", "messages")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def load_tokenizer(path: str, where: str = "tokenizer"):
@@ -59,36 +76,93 @@ def load_tokenizer(path: str, where: str = "tokenizer"):
         raise ConfigError(f"{where}: cannot load a tokenizer from {path}: {first}") from None
 
 
-def read_jsonl(path: str, where: str) -> list[dict[str, Any]]:
-    p = Path(path).expanduser()
-    if not p.is_file():
+def _check_file(p: Path, path: str, where: str) -> None:
+    """A config error unless ``p`` is a regular file (a FIFO or a device would block or never end)."""
+    if not p.exists():
         raise ConfigError(f"{where}: file not found: {path}")
-    records = []
-    with p.open(encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
+    if not p.is_file():
+        raise ConfigError(f"{where}: {path} is not a regular file; give a JSONL file")
+
+
+def _decode_line(raw: bytes, first: bool, at: str) -> str:
+    """One line of the file as text; a config error naming the line's first byte that is not UTF-8."""
+    if first and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{at}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the "
+                          "line); save the file as UTF-8") from None
+
+
+def _lone_surrogate(value: Any, field: str) -> tuple[str, str] | None:
+    """The field and character of the first lone surrogate in ``value``'s strings (JSON lets
+    ``"\\ud800"`` through; no tokenizer takes it), or None."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return (field, found.group()) if found else None
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        hit = _lone_surrogate(item, f"{field}.{key}" if isinstance(key, str) else f"{field}[{key}]")
+        if hit:
+            return hit
+    return None
+
+
+def read_jsonl(path: str, where: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The records of a JSONL file with their line numbers, read one line at a time (the file is
+    never held whole). Errors name the file and line."""
+    p = Path(path).expanduser()
+    _check_file(p, path, where)
+    found = False
+    with p.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            at = f"{where}: {path} line {i}"
+            line = _decode_line(raw, i == 1, at)
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{where}: {path} line {i}: invalid JSON ({exc.msg})") from None
+                raise ConfigError(f"{at}: invalid JSON ({exc.msg})") from None
             if not isinstance(rec, dict):
-                raise ConfigError(f"{where}: {path} line {i}: expected a JSON object, got {type(rec).__name__}")
-            records.append((i, rec))
-    if not records:
+                raise ConfigError(f"{at}: expected a JSON object, got {type(rec).__name__}")
+            found = True
+            yield i, rec
+    if not found:
         raise ConfigError(f"{where}: {path} holds no records")
-    return records
 
 
 class Encoder:
     """Turns a record into token ids and a per-token loss flag (the token is a target)."""
 
-    def __init__(self, tokenizer, add_eos: bool = True):
+    def __init__(self, tokenizer, max_length: int, add_eos: bool = True):
         self.tok = tokenizer
+        self.max_length = max_length
         self.eos = tokenizer.eos_token_id if add_eos else None
 
+    def first_tokens(self, text: str, special: bool, offsets: bool = False) -> tuple[list[int], list | None]:
+        """The ids (and character offsets) of ``text``'s first ``max_length`` tokens, all of them
+        when it has fewer, without tokenizing the whole of a long text: windows of
+        ``max_length * WINDOW_CHARS_PER_TOKEN`` characters, doubled until a window holds
+        ``WINDOW_MARGIN`` tokens more than are kept (a token may cover many characters), so the
+        kept tokens lie away from the window's cut and equal the whole text's."""
+        size = self.max_length * WINDOW_CHARS_PER_TOKEN
+        while True:
+            whole = size >= len(text)
+            enc = self.tok(text if whole else text[:size], add_special_tokens=special,
+                           return_offsets_mapping=offsets)
+            ids = list(enc["input_ids"])
+            spans = list(enc["offset_mapping"]) if offsets else None
+            if whole:
+                return ids, spans
+            if len(ids) >= self.max_length + WINDOW_MARGIN:
+                return ids[:self.max_length], spans[:self.max_length] if offsets else None
+            size *= 2
+
     def ids(self, text: str, special: bool) -> list[int]:
-        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+        """The ids of ``text``'s first ``max_length`` tokens (see :meth:`first_tokens`)."""
+        return self.first_tokens(text, special)[0]
 
     def with_eos(self, ids: list[int]) -> list[int]:
         if self.eos is not None and (not ids or ids[-1] != self.eos):
@@ -96,6 +170,10 @@ class Encoder:
         return ids
 
     def __call__(self, rec: Mapping[str, Any], where: str) -> tuple[list[int], list[bool]]:
+        hit = _lone_surrogate({k: v for k, v in rec.items() if k in TEXT_FIELDS}, "")
+        if hit:
+            raise ConfigError(f"{where}: {hit[0].lstrip('.')} holds a lone surrogate \\u{ord(hit[1]):04x} (half of a "
+                              "UTF-16 pair, not a character); fix or remove it")
         if "messages" in rec:
             return self.chat(rec["messages"], where)
         if "prompt" in rec or "completion" in rec:
@@ -140,8 +218,7 @@ class Encoder:
                 raise ConfigError(f"{where}: the chat template's renderings are not prefixes of one another; "
                                   "cannot find the assistant turns (use prompt/completion records)")
             spans.append((len(start), len(end)))
-        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        ids, offsets = self.first_tokens(full, False, offsets=True)
         loss = [any(a <= s < b for a, b in spans) for s, _ in offsets]
         if self.eos is not None and (not ids or ids[-1] != self.eos) and messages[-1]["role"] == "assistant":
             ids, loss = ids + [self.eos], loss + [True]
@@ -214,16 +291,13 @@ def text(path: str, tokenizer: str, max_length: int = 512, packing: bool = False
         raise ConfigError(f"seed: must be an integer, got {seed!r}")
     fractions = _check_split(split)
     tok = load_tokenizer(tokenizer)
-    encoder = Encoder(tok, add_eos=add_eos)
+    encoder = Encoder(tok, max_length, add_eos=add_eos)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     stats = {"documents": 0, "dropped": 0, "truncated": 0}
 
     def encode(file: str, key: str) -> list[tuple[list[int], list[int]]]:
-        records = read_jsonl(file, key)
-        if limit:
-            records = records[:limit]
         docs = []
-        for line, rec in records:
+        for line, rec in itertools.islice(read_jsonl(file, key), limit or None):
             ids, loss = encoder(rec, f"{key}: {file} line {line}")
             if len(ids) > max_length:
                 ids, loss = ids[:max_length], loss[:max_length]

@@ -5,12 +5,16 @@ Training images get the standard augmentation (zero-pad 4, random 32x32 crop,
 horizontal flip; He et al. 2016 sec. 4.2) and every split per-channel normalisation.
 As in the KD literature (CRD, DKD, NKD, ABKD report the best or last test accuracy),
 ``val`` is the test set unless ``val_split`` holds out part of the training set.
+
+The files are pickles, read by :class:`CifarUnpickler`, which builds only what the
+format holds, so a file under ``root`` that would run code when unpickled is refused.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +35,66 @@ LAYOUT = {
 ARCHIVE = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 
 
-def read_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+#: numpy's array rebuilder, the function an array's pickle calls (taken from numpy, whatever its path)
+RECONSTRUCT = np.zeros(0).__reduce__()[0]
+#: the globals a CIFAR pickle names, (module, name) -> object: the rebuilder (under numpy 1's
+#: path, which the archives' Python 2 pickles use, and numpy 2's), ``ndarray`` and ``dtype``
+SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR's python-version files: dicts, lists, strings, numbers and
+    numpy arrays. Every other global is refused where the pickle names it, before
+    anything it would build or call exists, so a ``__reduce__`` in the file never runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"its pickle names {module}.{name}, which a CIFAR file never holds; "
+                                         "refused before anything ran") from None
+
+
+def refuse(path: Path, archive: str, why: str) -> ConfigError:
+    """The one-line error for a file under ``root`` that is not what ``archive`` holds."""
+    why = " ".join(why.split())
+    return ConfigError(f"root: {path} is not a CIFAR file of {archive} ({why}); "
+                       f"extract {archive} (the python version) into root again")
+
+
+def read_pickle(path: Path, archive: str) -> Any:
+    """The object pickled in ``path``, through :class:`CifarUnpickler` (keys decoded as latin-1,
+    as the archives' Python 2 pickles need)."""
+    try:
+        with open(path, "rb") as f:
+            return CifarUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # whatever unpickling raises comes from the file's bytes
+        raise refuse(path, archive, str(exc) or type(exc).__name__) from None
+
+
+def field(obj: Any, key: str, path: Path, archive: str) -> Any:
+    """``obj[key]`` of a CIFAR file's dict, or the error naming the file."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise refuse(path, archive, f"no {key!r} entry")
+    return obj[key]
+
+
+def read_batch(path: Path, label_key: str, archive: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``uint8 [n, 3, 32, 32]`` and labels of one pickled CIFAR batch file."""
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return torch.from_numpy(images.copy()), torch.as_tensor(batch[label_key], dtype=torch.long)
+    batch = read_pickle(path, archive)
+    data, labels = field(batch, "data", path, archive), field(batch, label_key, path, archive)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise refuse(path, archive, f"'data' is not a uint8 array [n, 3072], got {type(data).__name__} "
+                                    f"{getattr(data, 'dtype', '')} {tuple(getattr(data, 'shape', ()))}")
+    if not (isinstance(labels, list) and len(labels) == len(data) and all(type(y) is int for y in labels)):
+        raise refuse(path, archive, f"{label_key!r} is not a list of {len(data)} integer labels")
+    images = data.reshape(-1, 3, 32, 32)
+    return torch.from_numpy(images.copy()), torch.as_tensor(labels, dtype=torch.long)
 
 
 def fetch(name: str, root: Path) -> None:
@@ -72,11 +130,13 @@ def load(name: str, root: str, download: bool, augment: bool, val_split: float, 
             f"root: {name} not found: expected {base / folder}/{{{','.join(wanted)}}} "
             f"(missing: {', '.join(missing)}). Extract {ARCHIVE[name]} (the python version, "
             f"https://www.cs.toronto.edu/~kriz/cifar.html) into {base}, or set download = true")
-    parts = [read_batch(base / folder / f, label_key) for f in train_files]
+    parts = [read_batch(base / folder / f, label_key, ARCHIVE[name]) for f in train_files]
     train_x, train_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    test_x, test_y = read_batch(base / folder / test_file, label_key)
-    with open(base / folder / meta_file, "rb") as f:
-        classes = list(pickle.load(f, encoding="latin1")[names_key])
+    test_x, test_y = read_batch(base / folder / test_file, label_key, ARCHIVE[name])
+    meta = base / folder / meta_file
+    classes = field(read_pickle(meta, ARCHIVE[name]), names_key, meta, ARCHIVE[name])
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise refuse(meta, ARCHIVE[name], f"{names_key!r} is not a list of class names")
     test = ImageTensorSplit(test_x, test_y, mean, std)
     if val_split > 0:
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
