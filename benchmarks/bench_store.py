@@ -50,7 +50,7 @@ import kdcore
 from kdcore.engine import build_trainer
 from kdcore.engine.batches import epoch_generator
 from kdcore.engine.capture import capture
-from kdcore.signals import store
+from kdcore.signals.records import VALUE_CODINGS, choose_layout, decode, encode, top_k
 
 DATA = {"name": "synthetic_lm", "n": 1024, "length": 32, "vocab_size": 256, "states": 24}
 LLAMA = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -65,11 +65,11 @@ def fidelity(args) -> dict:
     logits = p.log()
     out = {"positions": p.shape[0], "rows": []}
     for k in (8, 32, 128):
-        ids, logp, rest = store.top_k(logits, k)
+        ids, logp, rest = top_k(logits, k)
         exact = torch.cat([logp, rest[:, None]], -1)
-        for values in store.VALUE_CODINGS:
-            layout = store.choose_layout(DATA["vocab_size"], k, values)
-            ids2, logp2, rest2 = store.decode(layout, store.encode(layout, ids, logp, rest))
+        for values in VALUE_CODINGS:
+            layout = choose_layout(DATA["vocab_size"], k, values)
+            ids2, logp2, rest2 = decode(layout, encode(layout, ids, logp, rest))
             stored = torch.log_softmax(torch.cat([logp2.double(), rest2.double()[:, None]], -1), -1)
             kl_b = (exact.exp() * (exact - stored)).sum(-1).mean().item()
             spread = stored[:, -1:] - torch.log(torch.tensor(float(DATA["vocab_size"] - k), dtype=torch.float64))
@@ -78,8 +78,8 @@ def fidelity(args) -> dict:
             out["rows"].append({"k": k, "values": values, "ids": layout.ids,
                                 "bytes_per_position": layout.record_bytes, "kl_buckets": kl_b, "kl_full": kl_f,
                                 "tail_mass_mean": rest.exp().mean().item(),
-                                "bytes_v32000": store.choose_layout(32000, k, values).record_bytes,
-                                "bytes_v128256": store.choose_layout(128256, k, values).record_bytes})
+                                "bytes_v32000": choose_layout(32000, k, values).record_bytes,
+                                "bytes_v128256": choose_layout(128256, k, values).record_bytes})
     return out
 
 

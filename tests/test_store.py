@@ -17,7 +17,7 @@ from kdcore.engine import build_trainer
 from kdcore.engine.capture import capture
 from kdcore.engine.teacher_source import CachedTeacher, _Rows
 from kdcore.signals import buckets
-from kdcore.signals import store
+from kdcore.signals.records import VALUE_CODINGS, check_values, choose_layout, decode, encode, top_k
 
 spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).parent / "helpers_runs.py")
 runs = importlib.util.module_from_spec(spec)
@@ -27,15 +27,15 @@ spec.loader.exec_module(runs)
 # -- record coding --------------------------------------------------------------------------------
 @pytest.mark.parametrize("classes,k", [(3, 3), (3, 1), (10, 4), (256, 8), (256, 32), (256, 128), (256, 256),
                                        (32000, 128), (70000, 5)])
-@pytest.mark.parametrize("values", store.VALUE_CODINGS)
+@pytest.mark.parametrize("values", VALUE_CODINGS)
 def test_records_round_trip(classes, k, values):
     g = torch.Generator().manual_seed(classes + k)
     logits = torch.randn(40, classes, generator=g) * 4
-    ids, logp, rest = store.top_k(logits, k)
-    layout = store.choose_layout(classes, k, values)
-    records = store.encode(layout, ids, logp, rest)
+    ids, logp, rest = top_k(logits, k)
+    layout = choose_layout(classes, k, values)
+    records = encode(layout, ids, logp, rest)
     assert records.shape == (40, layout.record_bytes)
-    ids2, logp2, rest2 = store.decode(layout, records)
+    ids2, logp2, rest2 = decode(layout, records)
     assert torch.equal(ids2, ids)
     err = (logp2.double() - logp).abs().max().item()
     if values == "float32":
@@ -51,16 +51,16 @@ def test_records_round_trip(classes, k, values):
 
 
 def test_ids_coding_is_the_smaller_one():
-    assert store.choose_layout(256, 128, "uint8").ids == "bitmap"          # 32 bytes
-    ef = store.choose_layout(32000, 128, "uint8")
+    assert choose_layout(256, 128, "uint8").ids == "bitmap"          # 32 bytes
+    ef = choose_layout(32000, 128, "uint8")
     assert ef.ids == "elias-fano" and ef.ids_bytes < 128 * 2           # below uint16 ids
-    assert store.choose_layout(256, 128, "uint8").record_bytes == 32 + 128 + 6 + 4
+    assert choose_layout(256, 128, "uint8").record_bytes == 32 + 128 + 6 + 4
 
 
 def test_tail_against_float64_reference():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(64, 50, generator=g, dtype=torch.float64) * 3
-    ids, logp, rest = store.top_k(logits.float(), 7)
+    ids, logp, rest = top_k(logits.float(), 7)
     p = torch.softmax(logits, -1)
     kept = p.gather(-1, ids)
     assert torch.equal(ids, ids.sort(-1).values)
@@ -107,7 +107,7 @@ def test_all_classes_kept_equals_the_online_teacher(loss):
     t = torch.randn(3, 5, 9, generator=g) * 2
     y = torch.randint(0, 9, (3, 5), generator=g)
     y[1, :3] = -100
-    ids, logp, rest = store.top_k(t.reshape(-1, 9), 9)
+    ids, logp, rest = top_k(t.reshape(-1, 9), 9)
     teacher = buckets.TopKOutputs(ids.view(3, 5, 9), logp.float().view(3, 5, 9), None)
     got = buckets.bucket_loss(loss, kdcore.Outputs(s), teacher, y)
     want = loss(s, t, y)
@@ -125,7 +125,7 @@ def test_kd_on_buckets_against_float64_reference():
     y = torch.randint(0, 30, (20,), generator=g)
     y[:4] = -100
     T, k = 2.0, 6
-    ids, logp, rest = store.top_k(t, k)
+    ids, logp, rest = top_k(t, k)
     teacher = buckets.TopKOutputs(ids, logp, rest)
     got = buckets.bucket_loss(kdcore.create("loss", "kd", temperature=T), kdcore.Outputs(s), teacher, y)
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
@@ -147,7 +147,7 @@ def test_fused_student_on_buckets_equals_dense(k):
     t = torch.randn(4, 6, 17, generator=g, dtype=torch.float64)
     y = torch.randint(0, 17, (4, 6), generator=g)
     y[0] = -100
-    ids, logp, rest = store.top_k(t.reshape(-1, 17), k)
+    ids, logp, rest = top_k(t.reshape(-1, 17), k)
     teacher = buckets.TopKOutputs(ids.view(4, 6, k), logp.view(4, 6, k), None if rest is None else rest.view(4, 6))
     values = []
     for chunk in (None, 5):
@@ -351,10 +351,10 @@ def test_bucket_loss_is_finite_on_extreme_float32_inputs(scale, k, seed, tempera
     t = torch.randn(6, 12, generator=g) * scale
     y = torch.randint(0, 12, (6,), generator=g)
     y[0] = -100
-    ids, logp, rest = store.top_k(t, k)
-    layout = store.choose_layout(12, k, "uint8")
-    decoded = store.decode(layout, store.encode(layout, ids, logp, rest))
-    store.check_values(layout, *decoded)  # what the coding gives passes the reader's value checks
+    ids, logp, rest = top_k(t, k)
+    layout = choose_layout(12, k, "uint8")
+    decoded = decode(layout, encode(layout, ids, logp, rest))
+    check_values(layout, *decoded)  # what the coding gives passes the reader's value checks
     teacher = buckets.TopKOutputs(*decoded)
     for loss in _losses():
         loss.temperature = temperature

@@ -30,6 +30,7 @@ from kdcore.engine import capture as capture_module
 from kdcore.engine import teacher_source
 from kdcore.engine.capture import capture
 from kdcore.signals import store
+from kdcore.signals.records import Layout, VALUE_CODINGS, check_values, choose_layout, decode, encode, top_k
 
 spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).parent / "helpers_runs.py")
 runs = importlib.util.module_from_spec(spec)
@@ -149,12 +150,12 @@ def _damage(root: Path, sample: int, change) -> None:
     """Rewrite the record of ``sample`` as ``change(ids, logp, rest)`` codes it (in place, numpy
     arrays [k]), then record the shard's new SHA-256 so that only the value checks can tell."""
     manifest = json.loads((root / store.MANIFEST).read_text())
-    layout = store.Layout.from_json(manifest["layout"])
+    layout = Layout.from_json(manifest["layout"])
     ids, logp, rest = store.StoreReader(root, manifest).read(torch.tensor([sample]))
     ids, logp, rest = ids.numpy().copy(), logp.double().numpy().copy(), rest.double().numpy().copy()
     record = change(ids[0], logp[0], rest)
     if record is None:
-        record = store.encode(layout, torch.from_numpy(ids), torch.from_numpy(logp), torch.from_numpy(rest))[0]
+        record = encode(layout, torch.from_numpy(ids), torch.from_numpy(logp), torch.from_numpy(rest))[0]
     shard = root / store.shard_name(sample // PER)
     data = bytearray(shard.read_bytes())
     at = (sample % PER) * layout.record_bytes
@@ -172,7 +173,7 @@ def _set(array, i, value):
 def _extra_id_bit(layout):
     """A change that sets one more bit of the unary high parts: the record then codes k + 1 ids."""
     def change(ids, logp, rest):
-        record = store.encode(layout, torch.from_numpy(ids[None]), torch.from_numpy(logp[None]),
+        record = encode(layout, torch.from_numpy(ids[None]), torch.from_numpy(logp[None]),
                               torch.from_numpy(rest))[0]
         bits = np.unpackbits(record, bitorder="little")
         upper = K * layout.low_bits
@@ -204,7 +205,7 @@ def test_a_record_with_impossible_values_is_named_by_shard_and_sample(config, ro
 
 
 def test_a_record_coding_more_than_k_ids_or_mass_off_one_is_named(config, root):
-    layout = store.Layout.from_json(json.loads((root / store.MANIFEST).read_text())["layout"])
+    layout = Layout.from_json(json.loads((root / store.MANIFEST).read_text())["layout"])
     _damage(root, 44, _extra_id_bit(layout))
     _damage(root, 45, lambda ids, logp, rest: _set(logp, 0, logp[0] + 1.0))  # kept mass times e at one id
     reader = store.StoreReader.open(root)
@@ -223,10 +224,10 @@ def test_the_value_checks_accept_every_coding_of_real_teachers():
     g = torch.Generator().manual_seed(0)
     for classes, k in ((3, 3), (3, 1), (600, 4), (256, 128), (2000, 2000), (32000, 128)):
         for scale in (1e-6, 1e-4, 0.01, 3.0, 30.0, 300.0):
-            ids, logp, rest = store.top_k(torch.randn(64, classes, generator=g) * scale, k)
-            for values in store.VALUE_CODINGS:
-                layout = store.choose_layout(classes, k, values)
-                store.check_values(layout, *store.decode(layout, store.encode(layout, ids, logp, rest)))
+            ids, logp, rest = top_k(torch.randn(64, classes, generator=g) * scale, k)
+            for values in VALUE_CODINGS:
+                layout = choose_layout(classes, k, values)
+                check_values(layout, *decode(layout, encode(layout, ids, logp, rest)))
 
 
 def test_a_store_nan_stops_training_as_the_stores_damage_not_a_loss(config, root, tmp_path, capsys):

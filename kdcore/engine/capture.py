@@ -39,6 +39,7 @@ from kdcore.losses.outputs import Outputs
 from kdcore.plugins import default_registry
 from kdcore.plugins.registry import Registry
 from kdcore.signals import store
+from kdcore.signals.records import DamagedRecord, Layout, check_values, choose_layout, encode, top_k
 
 #: the default k (kept ids per position), at most the number of classes
 DEFAULT_TOP_K = 128
@@ -70,25 +71,25 @@ class TeacherNotFinite(RunFailure):
     the capture stops before writing them (exit 1)."""
 
 
-def _shard_records(teacher, split, rows: range, batch_size: int, device: torch.device, layout: store.Layout,
+def _shard_records(teacher, split, rows: range, batch_size: int, device: torch.device, layout: Layout,
                    autocast, positions: int) -> np.ndarray:
     """The records of samples ``rows``; outputs a store's reader would refuse as damage
-    (:func:`kdcore.signals.store.check_values`) stop the capture instead of being written."""
+    (:func:`kdcore.signals.records.check_values`) stop the capture instead of being written."""
     parts, start = [], rows.start
     with torch.no_grad():
         for inputs in _batches(split, rows, batch_size, device):
             with autocast():
                 out = forward(teacher, inputs, teacher, (), torch.empty(0))
             logits = Outputs.of(out).logits.float()
-            ids, logp, rest = store.top_k(logits.reshape(-1, logits.shape[-1]), layout.k)
+            ids, logp, rest = top_k(logits.reshape(-1, logits.shape[-1]), layout.k)
             try:
-                store.check_values(layout, ids, logp, rest)
-            except store.DamagedRecord as exc:
+                check_values(layout, ids, logp, rest)
+            except DamagedRecord as exc:
                 raise TeacherNotFinite(f"capture: the teacher's outputs on training sample "
                                        f"{start + exc.row // positions} are not log-probabilities ({exc.reason}); "
                                        "nothing of them was written; check the teacher's checkpoint, or capture "
                                        "with run.amp = \"off\"") from None
-            parts.append(store.encode(layout, ids, logp, rest))
+            parts.append(encode(layout, ids, logp, rest))
             start += logits.shape[0]
     return np.concatenate(parts, axis=0)
 
@@ -197,7 +198,7 @@ def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, sh
     k = min(DEFAULT_TOP_K, classes) if top_k is None else top_k
     if values == "auto":
         values = "float32" if k == classes else "uint8"
-    layout = store.choose_layout(classes, k, values)
+    layout = choose_layout(classes, k, values)
     shape = target_shape(split)
     positions = max(1, int(torch.Size(shape).numel()))
     n = len(split)

@@ -1,7 +1,8 @@
 """Teacher signals kept on disk: the top-k store and the bucket losses that train on it.
 
-- :mod:`~kdcore.signals.store`: the store's format (manifest, shards, value codings) and
+- :mod:`~kdcore.signals.store`: the store's files (manifest, shards, digests) and
   :class:`~kdcore.signals.store.StoreReader`;
+- :mod:`~kdcore.signals.records`: the coding of one position's record and the checks of its values;
 - :mod:`~kdcore.signals.buckets`: a teacher's k kept classes plus one tail bucket, and any loss on them.
 
 Running a teacher to fill a store (``kdcore capture``) and the in-memory cache of a teacher's outputs
