@@ -276,8 +276,13 @@ def run() -> None:
     """The ``kdcore`` console script and ``python -m kdcore``: :func:`main` on the process's
     arguments, then the process ends. The interpreter's teardown is spared its garbage
     collections (``gc.freeze``): once TorchDynamo is loaded (every torch optimizer loads it)
-    they walk some 300,000 objects, about 0.9 s of every run's end on the CPU."""
+    they walk some 300,000 objects, about 0.9 s of every run's end on the CPU. A process
+    that joined a ``torchrun`` process group skips that teardown altogether
+    (:func:`kdcore.engine.distributed.leave`): torch's worker threads may outlive the group."""
     code = main()
+    distributed = sys.modules.get("kdcore.engine.distributed")  # not loaded: no group was joined
+    if distributed is not None and distributed.joined():
+        distributed.leave(code)
     gc.freeze()
     sys.exit(code)
 

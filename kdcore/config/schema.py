@@ -72,6 +72,7 @@ class RunConfig:
     max_steps: int = _field(int, 0, _non_negative)    # > 0: stop after this many optimizer steps
     checkpoint_every: int = _field(int, 0, _non_negative)  # > 0: also write last.pt every N steps
     strategy: str = _field(str, "ddp", choices=("ddp", "fsdp"))  # how the student is wrapped under torchrun
+    dist_timeout_s: float = _field(float, 300.0, _positive)  # under torchrun: longest wait for the other ranks
     measure_memory: bool = _field(bool, False)  # summary.json gets peak_step_mib: the peak memory of step 2
 
 

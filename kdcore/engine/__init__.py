@@ -90,7 +90,8 @@ def train(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Pa
     finally:
         from kdcore.engine import distributed
 
-        distributed.teardown(trainer.dist)
+        job, trainer = trainer.dist, None  # the DDP/FSDP model and its optimizer go before the group
+        distributed.teardown(job)
 
 
 __all__ = ["Trainer", "build_trainer", "train", "build_model", "build_objective", "Objective", "default_out_dir"]

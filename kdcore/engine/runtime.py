@@ -44,7 +44,7 @@ class Runtime:
     def start(cls, run: RunConfig) -> "Runtime":
         """Join the job, pick the device and set torch's options for ``run``; checks first."""
         cuda = run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available())
-        dist = distributed.setup("cuda" if cuda else "cpu")
+        dist = distributed.setup("cuda" if cuda else "cpu", run.dist_timeout_s)
         device = pick_device(run.device, dist.local_rank)
         if run.amp == "fp16" and device.type != "cuda":
             raise ConfigError("run.amp: 'fp16' needs a CUDA device (use 'bf16' on the CPU)")
