@@ -235,3 +235,40 @@ def test_a_killed_capture_process_resumes(config, tmp_path):
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     capture(config, tmp_path / "whole", top_k=2, shard_samples=1, quiet=True)
     assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
+
+
+class _CountingBar:
+    """A stand-in for tqdm that records its total, its start and every update."""
+
+    made: list[_CountingBar] = []
+
+    def __init__(self, *, total, initial, **_):
+        self.total, self.initial, self.updates = total, initial, []
+        _CountingBar.made.append(self)
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_the_progress_bar_moves_per_batch_and_a_resume_starts_at_what_is_done(config, tmp_path, monkeypatch):
+    """Shards of 100 samples in batches of 25: the bar counts samples and moves after every
+    batch, not once per shard; a resumed capture's bar starts at the kept shards' samples."""
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _CountingBar)
+    monkeypatch.setattr(_CountingBar, "made", [])
+    whole = capture(config, tmp_path / "whole", top_k=2, shard_samples=100, batch_size=25)
+    (bar,) = _CountingBar.made
+    assert bar.total == whole["n"] == 540 and bar.initial == 0
+    assert bar.updates == [25] * 20 + [25, 15]  # the last shard holds 40 samples
+    for j in (2, 3, 4, 5):  # as if killed after two shards
+        (tmp_path / "whole" / store.shard_name(j)).unlink()
+    capture(config, tmp_path / "whole", top_k=2, shard_samples=100, batch_size=25)
+    resumed = _CountingBar.made[1]
+    assert resumed.total == 540 and resumed.initial == 200 and resumed.updates == [25] * 12 + [25, 15]

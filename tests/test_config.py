@@ -165,3 +165,58 @@ def test_components_named_inside_a_term_are_checked(tmp_path, term, message):
     starts, with the key path (so a missing plugin is named, not found mid-run)."""
     with pytest.raises(ConfigError, match=message):
         load_text(tmp_path, BASE.replace("temperature = 4.0", f"temperature = 4.0\n{term}") + TEACHER)
+
+
+def test_a_whole_section_is_set_by_a_toml_table_or_array_of_tables(tmp_path):
+    """``--set loss=[{...}, ...]`` replaces the [[loss]] list, ``--set teacher={...}`` a
+    table and ``--set loss[0]={...}`` one entry; later items may refine them."""
+    conf = load_text(tmp_path, BASE + TEACHER, [
+        'loss=[{name="ce"},{name="kd",temperature=2}]', "loss[1].weight=0.5",
+        'teacher={backbone="mlp", checkpoint="x.pt", hidden=[4]}'])
+    assert [t.name for t in conf.loss] == ["ce", "kd"] and conf.loss[1].params == {"temperature": 2}
+    assert conf.loss[1].weight == 0.5
+    assert conf.teacher.checkpoint == "x.pt" and conf.teacher.params == {"hidden": [4]}
+    raw = cfg.apply_overrides({"loss": [{"name": "ce"}, {"name": "kd"}]}, ['loss[1]={name="kd", temperature=3}'])
+    assert raw["loss"] == [{"name": "ce"}, {"name": "kd", "temperature": 3}]
+    assert cfg.apply_overrides({}, ['run = {epochs = 3}']) == {"run": {"epochs": 3}}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("loss=ce", "--set 'loss=ce': loss takes a table {key = value, ...} or an array of tables [{...}, ...] "
+                "(invalid TOML: Invalid value (at line 1, column 1)); set one key with loss.KEY=VALUE"),
+    ('loss=[{name="ce"}, 3]', "--set 'loss=[{name=\"ce\"}, 3]': loss takes a table {key = value, ...} or an "
+                              "array of tables [{...}, ...]; set one key with loss.KEY=VALUE"),
+    ('loss=[{name=}]', "--set 'loss=[{name=}]': loss takes a table {key = value, ...} or an array of tables "
+                       "[{...}, ...] (invalid TOML: Invalid value (at line 1, column 8)); set one key with "
+                       "loss.KEY=VALUE"),
+    ("loss[0]=3", "--set 'loss[0]=3': loss[0] takes a table {key = value, ...}; set one key with "
+                  "loss[0].KEY=VALUE"),
+    ("loss[5]={name='ce'}", "--set loss[5]: loss has no entry [5]"),
+    ("loss=" + "[" * 600 + "]" * 600, "--set 'loss=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[['...: nested more than "
+                                      "32 levels deep"),
+])
+def test_a_bad_whole_section_value_is_one_line_naming_the_item(item, message):
+    with pytest.raises(ConfigError) as exc:
+        cfg.apply_overrides({"loss": [{"name": "ce"}]}, [item])
+    assert str(exc.value) == message
+
+
+def test_kdcore_train_sets_a_whole_section(tmp_path, capsys):
+    """Through the command line: the run's resolved config.toml holds the new [[loss]]
+    list and [student] table; a bad value is exit 2 and one line."""
+    from kdcore.cli.commands import main
+
+    path = tmp_path / "c.toml"
+    path.write_text('[run]\nepochs = 1\nmax_steps = 2\nprogress = "off"\n[data]\nname = "gaussian_mixture"\n'
+                    'n = 200\n[student]\nbackbone = "mlp"\n[[loss]]\nname = "kd"\n')
+    sets = ["--set", 'loss=[{name="ce", weight=0.5}]', "--set", 'student={backbone="mlp", hidden=[4]}']
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--quiet", *sets]) == 0
+    written = __import__("tomllib").loads((tmp_path / "run" / "config.toml").read_text())
+    assert written["loss"] == [{"name": "ce", "weight": 0.5}]
+    assert written["student"]["hidden"] == [4]
+    capsys.readouterr()
+    assert main(["train", str(path), "--out", str(tmp_path / "bad"), "--set", "loss=ce"]) == 2
+    assert capsys.readouterr().err == (
+        "kdcore: error: --set 'loss=ce': loss takes a table {key = value, ...} or an array of tables [{...}, ...] "
+        "(invalid TOML: Invalid value (at line 1, column 1)); set one key with loss.KEY=VALUE\n")
+    assert not (tmp_path / "bad").exists()

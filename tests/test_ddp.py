@@ -4,6 +4,7 @@ end with the same weights as 1 process with the full batch."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -29,18 +30,31 @@ _spec.loader.exec_module(runs)
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """The weights, the logged step losses (ranks keep different numbers of labelled rows:
+    a third of the rows are unlabelled) and one ``done:`` line, from rank 0 only."""
     kdcore.train(runs.teacher_config(epochs=1), tmp_path / "t", quiet=True)
-    conf = runs.student_config(str(tmp_path / "t" / "checkpoints" / "best.pt"), epochs=2, device="cpu")
+    conf = runs.student_config(str(tmp_path / "t" / "checkpoints" / "best.pt"), epochs=2, device="cpu",
+                               log_every=1)
     conf["student"]["dropout"] = 0.0  # dropout masks differ per rank by design
+    conf["data"]["unlabelled"] = 180
     path = tmp_path / "s.toml"
     path.write_text(tomli_w.dumps(conf))
     kdcore.train(path, tmp_path / "one", quiet=True)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "kdcore", "train", str(path),
-                          "--out", str(tmp_path / "two"), "--quiet"], capture_output=True, text=True,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert len(out.stdout.splitlines()) == 1 and out.stdout.startswith("done: student test_acc "), out.stdout
+    assert [line[:10] for line in out.stderr.splitlines() if line.startswith("epoch ")] == ["epoch 1/2 ", "epoch 2/2 "]
+    steps = [[json.loads(line) for line in (tmp_path / run / "steps.jsonl").read_text().splitlines()]
+             for run in ("one", "two")]
+    assert len(steps[0]) == len(steps[1]) == json.loads((tmp_path / "one" / "summary.json").read_text())["steps"]
+    for a, b in zip(*steps):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for k in (k for k in a if k.startswith("loss/")):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
     assert one["step"] == two["step"]

@@ -34,8 +34,11 @@ def _cmd_train(args) -> int:
 
     out = default_out_dir(args.config) if args.out is None else args.out
     summary = train(args.config, out, args.set, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    from kdcore.engine.distributed import torchrun_env
     from kdcore.engine.loop import summary_line
 
+    if not torchrun_env().is_main:  # under torchrun the job has one summary, rank 0's
+        return 0
     best = summary.get("best_val_acc")
     print(summary_line(summary)
           + (f"; best val_acc {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")

@@ -26,17 +26,40 @@ def _parse_value(text: str) -> Any:
         raise ConfigError(f"--set value {text[:40]!r}...: nested more than {MAX_DEPTH} levels deep") from None
 
 
+def _parse_table(item: str, text: str, where: str, tables: bool) -> Any:
+    """The TOML value of ``--set item`` that replaces all of ``where``: a table, or with
+    ``tables`` also an array of tables (``loss=[{...}, {...}]``). No bare-word fallback
+    here: a typo in a whole section's value is reported, not taken as a string."""
+    why = ""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        value = None
+        why = " (invalid TOML: " + re.sub(r"column (\d+)", lambda m: f"column {int(m[1]) - 4}", str(exc)) + ")"
+    except RecursionError:
+        raise ConfigError(f"--set {item[:40]!r}...: nested more than {MAX_DEPTH} levels deep") from None
+    if isinstance(value, dict) or tables and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return value
+    wanted = "a table {key = value, ...}" + (" or an array of tables [{...}, ...]" if tables else "")
+    raise ConfigError(f"--set {item!r}: {where} takes {wanted}{why}; set one key with {where}.KEY=VALUE")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` (or ``loss[1].key=value``) overrides; values
-    are TOML (``0.1``, ``[1, 2]``, ``{name = "ab"}``, ``"text"``) or bare strings."""
+    are TOML (``0.1``, ``[1, 2]``, ``{name = "ab"}``, ``"text"``) or bare strings.
+    ``section=VALUE`` replaces a whole section by a TOML table or, for an array of
+    tables such as ``[[loss]]``, by an array of tables; ``loss[1]={...}`` replaces one entry."""
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         m = _PATH.match(key)
-        if not sep or not m or not (m.group(4) or m.group(2) or m.group(3)):
+        if not sep or not m:
             raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. run.epochs=5, loss[1].temperature=2)")
         section, index = m.group(1), m.group(2) or m.group(3)
         keys = [k for k in m.group(4).split(".") if k]
+        if index is None and not keys:
+            raw[section] = _parse_table(item, text.strip(), section, tables=True)
+            continue
         node: Any = raw.setdefault(section, {} if index is None else [])
         where = section
         if index is not None:
@@ -45,9 +68,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             i = int(index)
             if not isinstance(node, list) or i >= len(node):
                 raise ConfigError(f"--set {key}: {section} has no entry [{i}]")
+            if not keys:
+                node[i] = _parse_table(item, text.strip(), f"{section}[{i}]", tables=False)
+                continue
             node, where = node[i], f"{section}[{i}]"
-        if not keys:
-            raise ConfigError(f"--set {item!r}: name a key inside {where}")
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):

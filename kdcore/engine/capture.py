@@ -16,7 +16,7 @@ checks the store and writes the manifest.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +72,11 @@ class TeacherNotFinite(RunFailure):
 
 
 def _shard_records(teacher, split, rows: range, batch_size: int, device: torch.device, layout: Layout,
-                   autocast, positions: int) -> np.ndarray:
+                   autocast, positions: int, advance: Callable[[int], object] | None = None) -> np.ndarray:
     """The records of samples ``rows``; outputs a store's reader would refuse as damage
-    (:func:`kdcore.signals.records.check_values`) stop the capture instead of being written."""
+    (:func:`kdcore.signals.records.check_values`) stop the capture instead of being written.
+    ``advance(samples)`` is called after each batch, so that a progress bar moves within a
+    shard (a shard can take many minutes)."""
     parts, start = [], rows.start
     with torch.no_grad():
         for inputs in _batches(split, rows, batch_size, device):
@@ -91,10 +93,14 @@ def _shard_records(teacher, split, rows: range, batch_size: int, device: torch.d
                                        "with run.amp = \"off\"") from None
             parts.append(encode(layout, ids, logp, rest))
             start += logits.shape[0]
+            if advance is not None:
+                advance(logits.shape[0])
     return np.concatenate(parts, axis=0)
 
 
 def _progress(total: int, initial: int, quiet: bool):
+    """The capture's progress bar, counted in samples: ``total`` this rank captures,
+    ``initial`` of them in the shards a resumed capture keeps (None when ``quiet``)."""
     if quiet:
         return contextlib.nullcontext(None)
     from tqdm.auto import tqdm
@@ -239,11 +245,10 @@ def _capture(conf, tc, root: Path, registry, dist, top_k, values, batch_size, sh
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(run.seed * 1_000_003 + j)  # one fixed view per sample (fixed_view)
                     records = _shard_records(teacher, split, range(j * per, j * per + size[j]),
-                                             batch_size or run.eval_batch_size, device, layout, autocast, positions)
+                                             batch_size or run.eval_batch_size, device, layout, autocast, positions,
+                                             None if bar is None else bar.update)
                 store.write_shard(root, j, records)
             written[store.shard_name(j)] = store.records_sha256(records)
-            if bar is not None:
-                bar.update(size[j])
     dist.barrier()
     if dist.is_main:
         manifest[store.DIGESTS] = _all_digests(root, manifest, {**done, **written})

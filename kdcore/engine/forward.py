@@ -41,7 +41,17 @@ def check_sharded_outputs(out: Outputs) -> None:
     if out.projectable and not out.has_logits:
         raise ConfigError("student: under run.strategy = 'fsdp' the student must return its logits, not "
                           "hidden states and a head to project later (the head would run outside FSDP's "
-                          "gradient reduction); for the hf backbone set student.fused = false")
+                          "gradient reduction); for the hf backbone set student.fused = false or \"auto\"")
+
+
+def prefer_logits(student: nn.Module) -> None:
+    """Ask a student about to be sharded by FSDP to compute its logits inside forward:
+    its ``prefer_logits()`` method, where it has one (a backbone that chooses between
+    returning logits and the fused ``Outputs(hidden, head)`` by itself), so that a config
+    that trains in one process trains under FSDP unchanged."""
+    prefer = getattr(student, "prefer_logits", None)
+    if callable(prefer):
+        prefer()
 
 
 class Forward:
@@ -50,13 +60,16 @@ class Forward:
     The student runs through ``model`` (the student, or its DDP wrapper or
     compiled form) with the taps ``terms`` name on the unwrapped ``student``;
     the teacher's outputs come from the run's teacher source, under
-    ``no_grad``, where a term uses the teacher. Under FSDP the student must
-    return its logits (:func:`check_sharded_outputs`).
+    ``no_grad``, where a term uses the teacher. Under FSDP the student is asked
+    to return its logits (:func:`prefer_logits`) and must
+    (:func:`check_sharded_outputs`).
     """
 
     def __init__(self, runtime: Runtime, student: nn.Module, objective: Objective, teacher_source, sharded: bool):
         self.runtime, self.student, self.objective = runtime, student, objective
         self.teacher_source, self.sharded = teacher_source, sharded
+        if sharded:
+            prefer_logits(student)
 
     def __call__(self, batch: Batch, terms, model: nn.Module) -> tuple[Outputs, Outputs | None]:
         inputs = self.runtime.inputs(batch.inputs)

@@ -138,6 +138,22 @@ def fit(trainer, resume: bool = False, state: dict[str, Any] | None = None) -> d
     return summary
 
 
+def _global_losses(trainer, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's term losses over all ranks: each rank's means weighted by its kept
+    positions, which is what one process computes on the whole batch. One all-reduce,
+    made only for a step that is logged (every rank calls it then)."""
+    if not losses:
+        return {}
+    names = sorted(losses)  # the same order on every rank
+    values = torch.stack([losses[k].detach().float() for k in names])
+    if trainer.dist.enabled:
+        kept = trainer.stepper.batch.kept().to(values.device).reshape(1)
+        sums = trainer.dist.sum_(torch.cat([values * kept, kept]))
+        values = sums[:-1] / sums[-1].clamp(min=1.0)
+    reduced = dict(zip(names, values.tolist()))
+    return {k: reduced[k] for k in losses}
+
+
 def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, bool]:
     """One epoch (or its rest, after a mid-epoch resume); returns its evaluation record
     (None when not evaluated) and whether the epoch ran to its end (not stopped by
@@ -163,9 +179,11 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, 
             bar.update(1)
         if trainer.step % run.log_every == 0:
             trainer.guard.check()
+            if steps_log is not None:  # set on every rank alike: all of them take part in the reduction
+                losses = _global_losses(trainer, losses)
             if main and (tb is not None or steps_log is not None):
                 rec = {"epoch": trainer.epoch, "step": trainer.step,
-                       **{f"loss/{k}": float(v.detach()) for k, v in losses.items()},
+                       **{f"loss/{k}": float(v) for k, v in losses.items()},
                        **{f"weight/{k}": w for k, w in trainer.objective.weights(trainer.progress()).items()}}
                 if tb is not None:
                     tb.add({f"step/{k}": v for k, v in rec.items() if k not in ("epoch", "step")}, trainer.step)

@@ -84,6 +84,7 @@ class Step:
             f"loss term {t.id!r}'s parameters": ps for t in objective.terms
             if isinstance(t.loss, nn.Module) and (ps := gradients.trainable(t.loss.parameters()))}}
         self.guard = gradients.FiniteGuard(runtime.device, [t.id for t in objective.terms], list(self.grad_groups))
+        self.batch: Batch | None = None  # the last step's batch, after the batch policy
 
     @property
     def dist(self) -> Dist:
@@ -110,6 +111,7 @@ class Step:
             if meter is not None:
                 meter.add({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
         self.guard.observe(index, losses, total)
+        self.batch = batch  # what the losses average over (the loop weighs ranks by its kept positions)
         return losses
 
     def _no_sync(self, last: bool):

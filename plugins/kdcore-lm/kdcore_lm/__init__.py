@@ -1,7 +1,8 @@
 """kdcore-lm: language-model distillation on Hugging Face causal LMs.
 
-Registers the backbone ``hf``, the datasets ``text`` and ``synthetic_lm`` and
-the batch policy ``on_policy`` (on-policy and sequence-level distillation);
+Registers the backbone ``hf``, the datasets ``text`` and ``synthetic_lm``, the
+loss ``uld`` (cross-tokenizer distillation) and the batch policy
+``on_policy`` (on-policy and sequence-level distillation);
 :class:`KDTrainer` (a ``transformers.Trainer`` that distils with kdcore's
 loss terms) is imported on first use, so loading the plugin does not import
 ``transformers``.
@@ -10,7 +11,7 @@ loss terms) is imported on first use, so loading the plugin does not import
 from __future__ import annotations
 
 __all__ = ["KDTrainer", "HFCausalLM", "LMHead", "OnPolicy", "hf", "lm_head_of", "synthetic_lm", "text",
-           "evaluate_lm", "kl_to_truth", "generate", "completion_batch"]
+           "evaluate_lm", "kl_to_truth", "generate", "completion_batch", "ULD"]
 
 _LAZY = {
     "KDTrainer": "kdcore_lm.trainer",
@@ -25,6 +26,7 @@ _LAZY = {
     "text": "kdcore_lm.text",
     "evaluate_lm": "kdcore_lm.metrics",
     "kl_to_truth": "kdcore_lm.metrics",
+    "ULD": "kdcore_lm.uld",
 }
 
 

@@ -299,6 +299,14 @@ class HFCausalLM(nn.Module):
     def config(self):
         return self.model.config
 
+    def prefer_logits(self) -> None:
+        """Compute the logits inside forward from now on where ``fused = "auto"`` leaves the
+        choice to this backbone. The engine calls it before sharding the student under FSDP,
+        where a head run after forward would miss FSDP's gradient reduction; an explicit
+        ``fused = true`` is kept (and the engine refuses it with a config error)."""
+        if self.fused == "auto":
+            self.fused = False
+
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, **kwargs) -> Tensor:
         """The last hidden state ``[B, T, H]`` (after the final norm)."""
@@ -356,7 +364,8 @@ def hf(num_classes: int | None = None, *, config: Mapping[str, Any] | None = Non
       the tokenizer a model may have;
     - ``fused``: true: return ``Outputs(hidden, head)`` without logits; false: compute
       the logits inside forward (e.g. under FSDP) and return them with hidden and head;
-      ``"auto"``: true where kdcore's logit losses take ``Outputs`` (the fused projection);
+      ``"auto"``: true where kdcore's logit losses take ``Outputs`` (the fused projection),
+      false for a student sharded with FSDP (:meth:`HFCausalLM.prefer_logits`);
     - ``check_head``: check once that the head reproduces the model's logits.
     """
     if (config is None) == (path is None):

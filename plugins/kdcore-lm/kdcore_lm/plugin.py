@@ -6,11 +6,17 @@ from kdcore_lm.hf import hf
 from kdcore_lm.on_policy import OnPolicy
 from kdcore_lm.synthetic import synthetic_lm
 from kdcore_lm.text import text
+from kdcore_lm.uld import ULD
 
 
 @hookimpl
 def register_backbones(register):
     register("hf", hf)
+
+
+@hookimpl
+def register_losses(register):
+    register("uld", ULD)
 
 
 @hookimpl
