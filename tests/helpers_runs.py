@@ -1,4 +1,10 @@
-"""Small configs shared by the engine and CLI tests (imported by file path)."""
+"""Small configs and helpers shared by the engine and CLI tests (imported by file path)."""
+
+from pathlib import Path
+
+import tomli_w
+
+from kdcore.cli import main
 
 SMALL_DATA = {"name": "gaussian_mixture", "n": 600}
 
@@ -23,3 +29,27 @@ def student_config(checkpoint: str, epochs: int = 3, **run) -> dict:
         "loss": [{"name": "ce"},
                  {"name": "kd", "temperature": 2.0, "schedule": {"name": "linear", "start": 0.5, "end": 1.0}}],
     }
+
+
+def write(path: Path, conf: dict) -> Path:
+    path.write_text(tomli_w.dumps(conf))
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """``kdcore ARGS`` in this process: (exit status, stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    """The only line of ``err`` that is not a warning."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` and its bytes (to show that nothing changed)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -249,7 +249,8 @@ import kdcore
 
 kdcore.train(sys.argv[1], sys.argv[2], quiet=True)
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print("rank", os.environ["RANK"], "gloo threads", sum(n.startswith(("pt_gloo", "gloo")) for n in names))
+with open(f"{sys.argv[3]}/rank{os.environ['RANK']}.txt", "w") as f:  # one file a rank: no interleaving
+    f.write(f"rank {os.environ['RANK']} gloo threads {sum(n.startswith(('pt_gloo', 'gloo')) for n in names)}")
 '''
 
 
@@ -264,7 +265,8 @@ def test_a_ddp_run_leaves_no_process_group_threads_behind(tmp_path):
     path.write_text(tomli_w.dumps(conf))
     script.write_text(THREADS_AFTER_TRAIN)
     out = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), str(path),
-                          str(tmp_path / "run")], capture_output=True, text=True,
+                          str(tmp_path / "run"), str(tmp_path)], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(out.stdout.splitlines()) == ["rank 0 gloo threads 0", "rank 1 gloo threads 0"]
+    seen = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert seen == ["rank 0 gloo threads 0", "rank 1 gloo threads 0"]

@@ -24,7 +24,6 @@ import torch
 
 from kdcore import config as cfg
 import kdcore
-from kdcore.cli import main
 from kdcore.common.env import env_flag
 from kdcore.common.errors import ConfigError, DamagedCheckpoint, NonFiniteLoss
 from kdcore.common.files import atomic_torch_save, atomic_write
@@ -38,26 +37,7 @@ runs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runs)
 
 
-def write(path: Path, conf: dict) -> Path:
-    path.write_text(tomli_w.dumps(conf))
-    return path
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    """``kdcore ARGS`` in this process: (exit status, stderr)."""
-    capsys.readouterr()
-    code = main(list(args))
-    return code, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+write, cli, one_line, snapshot = runs.write, runs.cli, runs.one_line, runs.snapshot
 
 
 @pytest.fixture(scope="module")

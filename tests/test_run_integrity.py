@@ -21,11 +21,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tomli_w
 import torch
 
 import kdcore
-from kdcore.cli import main
 from kdcore.common.errors import RunFailure
 from kdcore.common.files import atomic_torch_save, atomic_write
 from kdcore.engine.checkpoint_file import DamagedFile, verify_members
@@ -41,27 +39,7 @@ START_AGAIN = "resume from an earlier copy of last.pt, or start again with --ove
 CANNOT_WRITE = "a run needs a directory it may write (copy the run to one)"
 
 
-def write(path: Path, conf: dict) -> Path:
-    path.write_text(tomli_w.dumps(conf))
-    return path
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    """``kdcore ARGS`` in this process: (exit status, stderr)."""
-    capsys.readouterr()
-    code = main(list(args))
-    return code, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    """The only line of ``err`` that is not a warning."""
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+write, cli, one_line, snapshot = runs.write, runs.cli, runs.one_line, runs.snapshot
 
 
 def resume(capsys, run: Path, *sets: str) -> tuple[int, str]:
