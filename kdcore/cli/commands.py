@@ -29,6 +29,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that it unwinds like an interrupt."""
 
 
+def _tell(line: str) -> None:
+    """Write one line to standard error in one write: the lines of several ranks of a
+    ``torchrun`` job, which share the stream, never interleave within a line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _cmd_train(args) -> int:
     from kdcore.engine import default_out_dir, train
 
@@ -56,10 +63,10 @@ def _cmd_capture(args) -> int:
         m = capture(args.config, args.out, args.set, top_k=args.top_k, values=args.values,
                     batch_size=args.batch_size, shard_samples=args.shard_samples, quiet=args.quiet)
     except Terminated:
-        print(f"kdcore: terminated by SIGTERM ({again})", file=sys.stderr)
+        _tell(f"kdcore: terminated by SIGTERM ({again})")
         return 143
     except KeyboardInterrupt:
-        print(f"kdcore: interrupted ({again})", file=sys.stderr)
+        _tell(f"kdcore: interrupted ({again})")
         return 130
     if not args.quiet and m.get("complete"):
         print(f"store {args.out}: {m['n']} samples x {m['positions']} position(s), k = {m['k']} of "
@@ -200,7 +207,7 @@ def _add_plugin_commands(sub) -> None:
         try:
             impl.function(cli=sub)
         except Exception as exc:  # a broken plugin command is reported, not fatal
-            print(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}", file=sys.stderr)
+            _tell(f"warning: plugin {impl.plugin_name!r} could not add its commands: {exc}")
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -313,28 +320,28 @@ def _run_command(argv: Sequence[str] | None) -> int:
                 return 2
             return int(args.handler(args) or 0)
     except (ConfigError, UnknownComponentError) as exc:
-        print(f"kdcore: error: {exc}", file=sys.stderr)
+        _tell(f"kdcore: error: {exc}")
         return 2
     except Terminated:
-        print("kdcore: terminated by SIGTERM (a training run continues with --resume)", file=sys.stderr)
+        _tell("kdcore: terminated by SIGTERM (a training run continues with --resume)")
         return 143
     except KeyboardInterrupt:
-        print("kdcore: interrupted (a training run continues with --resume)", file=sys.stderr)
+        _tell("kdcore: interrupted (a training run continues with --resume)")
         return 130
     except RunFailure as exc:
-        print(f"kdcore: failed: {exc}", file=sys.stderr)
+        _tell(f"kdcore: failed: {exc}")
         if debug:
             traceback.print_exc()
         return 1
     except PluginError as exc:
-        print(f"kdcore: plugin error: {exc}", file=sys.stderr)
+        _tell(f"kdcore: plugin error: {exc}")
         if debug:
             traceback.print_exc()
         return 1
     except Exception as exc:
-        print(f"kdcore: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _tell(f"kdcore: failed: {type(exc).__name__}: {exc}")
         if debug:
             traceback.print_exc()
         else:
-            print("(run with --debug for the traceback)", file=sys.stderr)
+            _tell("(run with --debug for the traceback)")
         return 1
