@@ -24,6 +24,8 @@ def register_divergences(register):
 def register_transforms(register):
     register("temperature", transforms.Temperature)
     register("label_smoothing", transforms.LabelSmoothing)
+    register("logit_std", transforms.LogitStandardisation)
+    register("ctkd", transforms.CurriculumTemperature)
 
 
 @hookimpl

@@ -5,7 +5,7 @@ For language models the logits ``[N, V]`` of both models dominate memory.
 head)`` and evaluates ``kept_sum`` (a logit loss's sum over rows) over chunks
 of ``chunk_size`` rows: each chunk's logits are computed from ``head(hidden)``,
 its value and its gradients (to the hidden states, to the logits given as
-such, and to the heads' parameters) are taken at once, and the chunk's
+such, to the heads' parameters and to the loss's own) are taken at once, and the chunk's
 logits and intermediates are freed before the next, so neither model's full
 logits ever exist. Ignored positions (target -100) are dropped before
 anything is projected. The backward pass only scales the stored gradients by
@@ -242,7 +242,7 @@ def kept_rows(x: Tensor, keep: Tensor | None) -> Tensor:
 
 def fused_kept_sum(kept_sum: KeptSum, chunk_size: int, student: tuple[Tensor, Any],
                    teacher: tuple[Tensor, Any] | None, target: Tensor | None,
-                   kd_temperature: float | None = None) -> tuple[Tensor, Tensor]:
+                   kd_temperature: float | None = None, params: Iterable[Tensor] = ()) -> tuple[Tensor, Tensor]:
     """``(sum of kept_sum over the kept rows, number of kept rows)``.
 
     ``student`` and ``teacher`` are ``(hidden, head)`` pairs, or ``(logits, None)``
@@ -252,13 +252,15 @@ def fused_kept_sum(kept_sum: KeptSum, chunk_size: int, student: tuple[Tensor, An
     With no kept row the sum is 0, with zero gradients. ``kd_temperature``: T
     where ``kept_sum`` is the sum of ``T^2 KL(p^T || q^T)`` over rows, which
     lets a teacher that takes no gradient go through the lean kd chunk
-    (module docstring)."""
+    (module docstring). ``params``: tensors ``kept_sum`` itself uses that take
+    gradients too (the loss's own parameters, e.g. a learnable temperature),
+    beside the heads' parameters."""
     keep = None if target is None else (target.reshape(-1) != IGNORE_INDEX)
     s_rows = kept_rows(student[0], keep)
     t_rows = None if teacher is None else kept_rows(teacher[0], keep)
     y = None if target is None else target.reshape(-1)[keep]
     t_head = None if teacher is None else teacher[1]
-    params = head_parameters(student[1], t_head)
+    params = list({id(p): p for p in (*head_parameters(student[1], t_head), *params)}.values())
     count = torch.tensor(float(s_rows.shape[0]), device=s_rows.device)
     if s_rows.shape[0] == 0:
         zero = sum((x.sum() * 0.0 for x in (s_rows, *params)), torch.zeros((), device=s_rows.device))

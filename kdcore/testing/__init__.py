@@ -26,6 +26,8 @@ required parameters gives the checks some in ``testing_params``.
 :mod:`kdcore.testing.pytest_plugin` parametrises a test over a plugin's
 components. :func:`extreme_batches` is a hypothesis strategy (hypothesis is
 needed only for it) of float32 inputs that break naive implementations.
+:func:`train_interrupted` stops a run at an epoch and resumes it, for resume
+tests of stateful components.
 
 Layer 5 (beside :mod:`kdcore.cli`): may import every layer below; nothing in kdcore imports it.
 """
@@ -33,15 +35,18 @@ Layer 5 (beside :mod:`kdcore.cli`): may import every layer below; nothing in kdc
 from kdcore.testing.backbones import check_backbone
 from kdcore.testing.components import CHECKED_KINDS, check_component, components, testing_params
 from kdcore.testing.datasets import check_dataset
-from kdcore.testing.distributions import check_divergence, check_transform
+from kdcore.testing.distributions import check_divergence
 from kdcore.testing.inputs import (assert_finite_with_grads, extreme_batches, random_logits, random_targets,
                                    value_and_grad)
 from kdcore.testing.losses import check_logit_loss, check_loss, check_outputs_loss
 from kdcore.testing.models import TinyConvNet
+from kdcore.testing.runs import train_interrupted
 from kdcore.testing.schedules import check_schedule, check_scheduler, check_weighting, progress_grid
+from kdcore.testing.transforms import check_transform
 from kdcore.testing.skips import CHECKS
 
 __all__ = ["random_logits", "random_targets", "value_and_grad", "assert_finite_with_grads", "extreme_batches",
            "check_loss", "check_logit_loss", "check_outputs_loss", "check_divergence", "check_transform",
            "check_schedule", "check_weighting", "check_scheduler", "check_backbone", "check_dataset",
-           "check_component", "components", "CHECKED_KINDS", "testing_params", "progress_grid", "TinyConvNet", "CHECKS"]
+           "check_component", "components", "CHECKED_KINDS", "testing_params", "progress_grid", "TinyConvNet", "CHECKS",
+           "train_interrupted"]

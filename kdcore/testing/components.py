@@ -11,9 +11,10 @@ from kdcore.plugins import default_registry
 from kdcore.plugins.registry import Registry
 from kdcore.testing.backbones import check_backbone
 from kdcore.testing.datasets import check_dataset
-from kdcore.testing.distributions import check_divergence, check_transform
+from kdcore.testing.distributions import check_divergence
 from kdcore.testing.losses import check_loss
 from kdcore.testing.schedules import check_scheduler
+from kdcore.testing.transforms import check_transform
 
 
 #: the kinds that have checks (every registration hook of the contract)

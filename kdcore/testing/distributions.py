@@ -1,4 +1,5 @@
-"""Checks for divergences and soft-label transforms (functions of log-probabilities)."""
+"""Checks for divergences (functions of two log-probability distributions); transforms:
+:mod:`kdcore.testing.transforms`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from kdcore.testing.inputs import close, random_logits, random_targets
+from kdcore.testing.inputs import close, random_logits
 from kdcore.testing.skips import skipped
 
 
@@ -45,41 +46,3 @@ def check_divergence(div, classes: int = 6, seed: int = 0, skip: Iterable[str] =
         value.backward()
         assert torch.isfinite(value), f"divergence with a zero-probability column: {value}"
         assert torch.isfinite(zl.grad).all() and torch.isfinite(wl.grad).all(), "non-finite gradients"
-
-
-def check_transform(transform, classes: int = 6, seed: int = 0, skip: Iterable[str] = ()) -> None:
-    """Assert that ``transform(teacher_logp, target)`` maps normalised
-    log-probabilities to normalised log-probabilities. The input has a ``-inf``
-    (padding) last column; targets are real classes. Sub-checks:
-
-    - ``shape``: the output has the input's shape and dtype;
-    - ``normalised``: ``exp(out)`` sums to 1 over the last dim, no NaN;
-    - ``padding_kept``: the ``-inf`` column stays ``-inf`` and no other column becomes ``-inf``;
-    - ``token_level``: ``[B, T, C]`` inputs give the rows of the flat ``[N, C]`` call;
-    - ``finite_gradients``: gradients through the transform are finite.
-    """
-    skip = skipped("transform", transform, skip)
-    z = random_logits(2, 3, classes, seed=seed)
-    z[..., -1] = float("-inf")
-    logp = torch.log_softmax(z, -1)
-    y = random_targets(2, 3, classes=classes - 1, seed=seed)
-    out = transform(logp, y)
-    if "shape" not in skip:
-        assert out.shape == logp.shape, f"output shape {tuple(out.shape)} for input {tuple(logp.shape)}"
-        assert out.dtype == logp.dtype, f"output dtype {out.dtype} for input {logp.dtype}"
-    if "normalised" not in skip:
-        assert not torch.isnan(out).any(), "NaN in the transformed log-probabilities"
-        close(out.exp().sum(-1), torch.ones(2, 3), "exp(transform(logp)) must sum to 1")
-    if "padding_kept" not in skip:
-        assert torch.isneginf(out[..., -1]).all(), f"a -inf (padding) column must stay -inf, got {out[..., -1]}"
-        assert torch.isfinite(out[..., :-1]).all(), "a real class became -inf or non-finite"
-    if "token_level" not in skip:
-        flat = transform(logp.reshape(-1, classes), y.reshape(-1))
-        close(out.reshape(-1, classes)[:, :-1], flat[:, :-1], "[B, T, C] vs [N, C]")
-    if "finite_gradients" not in skip:
-        zl = z.clone().requires_grad_()
-        res = transform(torch.log_softmax(zl, -1), y)
-        res = res[..., :-1].sum()
-        if res.requires_grad:  # a transform may detach the teacher: then there is nothing to check
-            res.backward()
-            assert torch.isfinite(zl.grad).all(), "non-finite gradients through the transform"

@@ -12,6 +12,7 @@ import torch
 
 import kdcore
 from kdcore.engine import build_trainer
+from kdcore.testing import train_interrupted
 
 pytest.importorskip("kdcore_vision", reason="kdcore-vision is not installed (digits data, zoo backbones)")
 pytest.importorskip("kdcore_schedulers", reason="kdcore-schedulers is not installed (crossbatch)")
@@ -50,23 +51,10 @@ def test_connector_trains_under_crossbatch(workdir, monkeypatch, every):
 
 
 def test_crossbatch_with_a_connector_resumes_exactly(workdir, monkeypatch):
-    from kdcore.engine import loop
-
     monkeypatch.chdir(workdir)
     conf = EXAMPLES / "features_digits_fitnet.toml"
     kdcore.train(conf, workdir / "runs" / "full", _overrides(2), quiet=True)
-    original = loop._run_epoch
-
-    def interrupt(trainer, *args):
-        if trainer.epoch == 2:
-            raise KeyboardInterrupt
-        return original(trainer, *args)
-
-    monkeypatch.setattr(loop, "_run_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        kdcore.train(conf, workdir / "runs" / "cut", _overrides(2), quiet=True)
-    monkeypatch.setattr(loop, "_run_epoch", original)
-    kdcore.train(conf, workdir / "runs" / "cut", _overrides(2), resume=True, quiet=True)
+    train_interrupted(conf, workdir / "runs" / "cut", _overrides(2), at_epoch=2)
     full, cut = (torch.load(workdir / "runs" / d / "checkpoints" / "last.pt", weights_only=True)
                  for d in ("full", "cut"))
     assert full["step"] == cut["step"]

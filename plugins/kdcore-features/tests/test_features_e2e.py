@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kdcore
+from kdcore.testing import train_interrupted
 
 pytest.importorskip("kdcore_vision", reason="kdcore-vision is not installed (digits data, zoo backbones)")
 
@@ -49,24 +50,11 @@ def test_digits_recipe_runs(method, workdir, monkeypatch):
 
 
 def test_crd_bank_survives_resume_exactly(workdir, monkeypatch):
-    from kdcore.engine import loop
-
     monkeypatch.chdir(workdir)
     conf = EXAMPLES / "features_digits_crd.toml"
     over = SMALL + ["run.epochs=2", "optim.milestones=[1]"]
     kdcore.train(conf, workdir / "runs" / "crd_full", over, quiet=True)
-    original = loop._run_epoch
-
-    def interrupt(trainer, *args):
-        if trainer.epoch == 2:  # the second epoch (1-based), after one checkpointed epoch
-            raise KeyboardInterrupt
-        return original(trainer, *args)
-
-    monkeypatch.setattr(loop, "_run_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        kdcore.train(conf, workdir / "runs" / "crd_cut", over, quiet=True)
-    monkeypatch.setattr(loop, "_run_epoch", original)
-    kdcore.train(conf, workdir / "runs" / "crd_cut", over, resume=True, quiet=True)
+    train_interrupted(conf, workdir / "runs" / "crd_cut", over, at_epoch=2)  # after one checkpointed epoch
     full, cut = losses_state(workdir / "runs" / "crd_full"), losses_state(workdir / "runs" / "crd_cut")
     assert set(full) == set(cut) and any(k.endswith("memory_teacher") for k in full)
     assert all(torch.equal(full[k], cut[k]) for k in full)
