@@ -3,6 +3,7 @@
 >>> import kdcore
 >>> kdcore.available("loss")          # doctest: +SKIP
 >>> loss = kdcore.create("loss", "kd", temperature=4.0)
+>>> div = kdcore.build("divergence", {"name": "kl"}, "divergence")   # nested: errors keep the key path
 
 The package is layered (docs/architecture.md): :mod:`kdcore.common` at the
 bottom, then :mod:`kdcore.plugins`, :mod:`kdcore.losses` and
@@ -15,9 +16,9 @@ from kdcore.common import aliases
 from kdcore.common.errors import ConfigError, PluginError, UnknownComponentError
 from kdcore.common.version import VERSION as __version__
 from kdcore.losses import LogitLoss, Outputs
-from kdcore.plugins import available, create, hookimpl, reload_plugins
+from kdcore.plugins import available, build, create, hookimpl, reload_plugins
 
-__all__ = ["__version__", "available", "create", "train", "hookimpl", "ConfigError", "PluginError",
+__all__ = ["__version__", "available", "create", "build", "train", "hookimpl", "ConfigError", "PluginError",
            "UnknownComponentError", "LogitLoss", "Outputs", "reload_plugins"]
 
 #: module paths of kdcore 0.1, before the layered packages: each still imports

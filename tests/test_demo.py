@@ -8,6 +8,7 @@ from __future__ import annotations
 import types
 
 import pytest
+import torch
 
 import kdcore
 from kdcore.cli.demo import closer, find_demo, format_table, plugin_demos, run_demo, sort_groups, verdict
@@ -73,3 +74,71 @@ def test_a_plugin_registers_a_demo(tmp_path, capsys):
         find_demo(reg, "other")
     with pytest.raises(ConfigError, match=r"^demo 'lm' comes with kdcore-lm, which is not installed: pip install"):
         find_demo(reg, "lm")
+
+
+class _PlainModuleLoss(torch.nn.Module):
+    """A logit loss that is a plain module, not a LogitLoss (as ``uld`` of kdcore-lm)."""
+
+    uses_target = False
+
+    def forward(self, student, teacher, target=None):
+        return (student - teacher).abs().mean()
+
+
+class _FeatureLoss(torch.nn.Module):
+    uses_outputs = True
+
+    def forward(self, student, teacher, target=None):
+        return student.features["0"].mean()
+
+
+class _Supervised(torch.nn.Module):
+    uses_teacher = False
+
+    def forward(self, student, teacher, target=None):
+        return student.mean()
+
+
+def _needs_size(size):
+    return _PlainModuleLoss()
+
+
+DEMO_LOSSES = types.ModuleType("demo_losses_plugin")
+
+
+@kdcore.hookimpl
+def register_losses(register):
+    register("plain", _PlainModuleLoss)
+    register("feat", _FeatureLoss)
+    register("supervised", _Supervised)
+    register("sized", _needs_size)
+
+
+DEMO_LOSSES.register_losses = register_losses
+
+
+def test_demo_gives_every_loss_a_row_or_a_true_reason(tmp_path, capsys, monkeypatch):
+    """Every loss is in exactly one of: the table's labelled rows, a ``skipping`` line."""
+    import kdcore.cli.demo as demo
+    import kdcore.engine
+
+    reg = load_registry(env={"KDCORE_PLUGINS": ""}, extra_plugins=[("demo_losses", DEMO_LOSSES)])
+    summary = {"test_tv": 0.1, "test_acc": 0.8, "teacher_test_tv": 0.05, "teacher_test_acc": 0.9}
+    trained = []
+    monkeypatch.setattr(demo, "default_registry", lambda: reg)
+    monkeypatch.setattr(kdcore.engine, "train", lambda conf, out, **kw: trained.append(conf) or dict(summary))
+    rows = run_demo(tmp_path, seeds=(1,), transfer=100)
+    err = capsys.readouterr().err.splitlines()
+    skips = dict(line.removeprefix("[demo] skipping ").split(": ", 1) for line in err
+                 if line.startswith("[demo] skipping "))
+    labelled = {r["method"].removeprefix("ce + ") for r in rows if r["group"] and "transfer" not in r["group"]}
+    assert sorted([*skips, *labelled]) == reg.available("loss")
+    assert labelled == {"ce", "kd", "rkd", "plain"}
+    assert skips == {
+        "feat": "a feature loss: it matches the models' intermediate features, and this demo compares what "
+                "students learn from soft labels alone",
+        "supervised": "it uses no teacher (the supervised baseline here is ce)",
+        "sized": "it needs parameters (size: required parameter missing (loss 'sized' takes: size))"}
+    transfer = {r["method"] for r in rows if r["group"] and "transfer" in r["group"]}
+    assert transfer == {"ce + kd (transfer)", "ce + rkd (transfer)", "ce + plain (transfer)"}
+    assert {c["loss"][-1]["name"] for c in trained if len(c["loss"]) > 1} == {"kd", "rkd", "plain"}

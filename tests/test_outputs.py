@@ -204,3 +204,36 @@ def test_ddp_keeps_connectors_and_banks_in_step_and_batch_level_terms_see_the_lo
         torch.testing.assert_close(two["losses"][k], one["losses"][k], rtol=1e-4, atol=1e-5)
     assert torch.equal(two["losses"]["hint.visits"], one["losses"]["hint.visits"])  # updates of both ranks
     assert int(one["losses"]["rows_seen.rows"]) == 32 and int(two["losses"]["rows_seen.rows"]) == 16
+
+
+FEATURES_ONLY = '''
+import kdcore
+from torch import nn
+
+
+class FeaturesOnly(nn.Module):
+    """A backbone whose forward returns features and no logits."""
+
+    def __init__(self, num_classes, in_features=30):
+        super().__init__()
+        self.body = nn.Linear(in_features, 8)
+
+    def forward(self, x):
+        return kdcore.Outputs(features={"body": self.body(x)})
+'''
+
+
+def test_outputs_without_logits_are_a_one_line_config_error(tmp_path, capsys):
+    """docs/outputs.md: logits (or hidden and head) are required; features alone are refused
+    where the model returns them, one line and exit 2 from ``kdcore train``."""
+    expected = ("kdcore.Outputs: a model's outputs need logits, or both hidden and head to compute them "
+                "(got features): the engine evaluates every model by its logits; return the logits with "
+                "the features, Outputs(logits, features=...)")
+    with pytest.raises(kdcore.ConfigError) as info:
+        kdcore.Outputs(features={"body": torch.zeros(2, 8)})
+    assert str(info.value) == expected
+    (tmp_path / "features_only.py").write_text(FEATURES_ONLY)
+    conf = runs.teacher_config(epochs=1)
+    conf["student"] = {"backbone": "python:features_only:FeaturesOnly"}
+    code, err = runs.cli(capsys, "train", str(runs.write(tmp_path / "run.toml", conf)), "--out", str(tmp_path / "o"))
+    assert (code, runs.one_line(err)) == (2, f"kdcore: error: {expected}")

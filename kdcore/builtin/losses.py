@@ -16,17 +16,21 @@ from kdcore.losses.functional import IGNORE_INDEX, kd_rows, log_softmax_t, scale
 
 class CrossEntropy(LogitLoss):
     """``ce``: cross entropy with the labels (no temperature); ``label_smoothing``
-    mixes the one-hot target with the uniform distribution (Szegedy et al. 2016)."""
+    mixes the one-hot target with the uniform distribution (Szegedy et al. 2016).
+    ``transforms``: student-side transforms (or both-side ones, which act on the
+    student here) applied to the student before the cross entropy; none by default,
+    so a ``ce`` term beside a kd term with ``logit_std`` stays on the raw logits."""
 
     uses_teacher = False
     uses_target = True
 
-    def __init__(self, *, label_smoothing: float = 0.0, chunk_size: int | None = None):
-        super().__init__(chunk_size=chunk_size)
+    def __init__(self, *, label_smoothing: float = 0.0, transforms: Sequence[Spec] | None = None,
+                 chunk_size: int | None = None):
+        super().__init__(transforms=transforms, chunk_size=chunk_size)
         self.label_smoothing = params.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
     def kept_sum(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> Tensor:
-        if self.label_smoothing:
+        if self.label_smoothing or self.transforms:
             return super().kept_sum(student, teacher, target)
         return F.cross_entropy(upcast(student), target, ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -68,7 +72,7 @@ class KD(LogitLoss):
     def lean_kd_temperature(self) -> float | None:
         cls = type(self)
         plain = (cls.rows is KD.rows and cls.kept_sum is LogitLoss.kept_sum
-                 and cls.teacher_side is LogitLoss.teacher_side)
+                 and cls.sides is LogitLoss.sides)
         return self.temperature if plain and type(self.divergence) is KL and not self.transforms else None
 
 

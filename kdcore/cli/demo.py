@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.common.errors import ConfigError
-from kdcore.losses import LogitLoss
 from kdcore.plugins import default_registry
 
 TEACHER: dict[str, Any] = {
@@ -66,24 +65,33 @@ DISTANCE = "tv"
 Row = dict[str, Any]  # {"method": str, "group": str | None, key: (mean, std) for each column}
 
 
+#: the demo's baseline, trained by every row group's first row
+BASELINE = "ce"
+
+
 def distillation_losses(registry) -> list[tuple[str, str | None, bool]]:
-    """``(name, reason to skip or None, needs labels)`` for every registered logit loss that uses a teacher."""
-    out = []
-    for name in registry.available("loss"):
-        comp = registry.get("loss", name)
-        factory = comp.factory
-        if getattr(factory, "uses_outputs", False):
-            out.append((name, "a feature loss: it needs taps of a convolutional pair (see examples/features_*)",
-                        True))
-            continue
-        if not (isinstance(factory, type) and issubclass(factory, LogitLoss) and factory.uses_teacher):
-            continue
-        try:
-            registry.create("loss", name)
-            out.append((name, None, bool(factory.uses_target)))
-        except (ConfigError, TypeError) as exc:
-            out.append((name, f"needs parameters ({exc})", True))
-    return out
+    """``(name, reason to skip or None, needs labels)`` for every registered loss but the
+    baseline ``ce``: each gets a row of the table or a ``skipping NAME: reason`` line.
+    A row needs a loss that takes the two models' logits and a teacher, and builds with
+    its default parameters."""
+    return [(name, *_plan(registry, name)) for name in registry.available("loss") if name != BASELINE]
+
+
+def _plan(registry, name: str) -> tuple[str | None, bool]:
+    """``(reason to skip or None, needs labels)`` of loss ``name`` in the demo, from what
+    the loss declares (its attributes: docs/plugins.md) and whether it builds with its defaults."""
+    try:
+        loss, problem = registry.create("loss", name), None
+    except (ConfigError, TypeError) as exc:  # what it declares, then, is on its class
+        loss, problem = registry.get("loss", name).factory, f"it needs parameters ({exc})"
+    if not getattr(loss, "uses_teacher", True):
+        return f"it uses no teacher (the supervised baseline here is {BASELINE})", True
+    if getattr(loss, "uses_outputs", False):
+        return ("a feature loss: it matches the models' intermediate features, and this demo compares "
+                "what students learn from soft labels alone"), True
+    if problem is not None:
+        return problem, True
+    return None, bool(getattr(loss, "uses_target", True))
 
 
 def bayes_accuracy(split) -> float:
@@ -149,7 +157,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, teacher_epochs: int | None = 
     seed_list = ", ".join(map(str, seeds))
     labelled: list[Row] = []
     taught: list[dict[str, Any]] = []
-    for name, skip, _ in [("ce", None, True)] + losses:
+    for name, skip, _ in [(BASELINE, None, True)] + losses:
         if skip:
             say(f"[demo] skipping {name}: {skip}")
             continue

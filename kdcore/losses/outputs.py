@@ -16,7 +16,19 @@ from typing import Any
 
 from torch import Tensor
 
+from kdcore.common.errors import ConfigError
+
 Head = Callable[[Tensor], Tensor]
+
+
+def _no_logits(features: Mapping[str, Any] | None, hidden: Tensor | None, head: Head | None) -> str:
+    """The one line for outputs a model gave without logits: every model is evaluated
+    (accuracy, NLL, ``best.pt``) and a teacher's soft labels read from its logits."""
+    given = [name for name, value in (("features", features or None), ("hidden", hidden), ("head", head))
+             if value is not None]
+    return (f"kdcore.Outputs: a model's outputs need logits, or both hidden and head to compute them "
+            f"(got {', '.join(given) or 'nothing'}): the engine evaluates every model by its logits; "
+            "return the logits with the features, Outputs(logits, features=...)")
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
@@ -24,33 +36,42 @@ class Outputs:
     """A model's outputs for one batch.
 
     - ``logits``: ``[N, C]`` or ``[B, T, V]``; computed once from
-      ``head(hidden)`` on first read when the model gave only those;
+      ``head(hidden)`` on first read when the model gave only those; required
+      (itself, or ``hidden`` and ``head``): without them a :class:`kdcore.ConfigError`,
+      since the engine evaluates every model by its logits;
     - ``features``: tap name (a ``named_modules()`` path) -> that module's output;
     - ``hidden``: the last hidden state ``[..., H]`` (or None);
     - ``head``: ``head(hidden) -> logits``, the output layer including any final
       soft-capping or logit scale (or None);
     - ``index``: the dataset indices of the batch's samples ``[N]`` (set by the
-      engine; memory banks and teacher stores key on them), or None.
+      engine; memory banks and teacher stores key on them), or None;
+    - ``known``: where a teacher knows only some positions (a teacher with another
+      tokenizer, kdcore-lm's ``cross_tokenizer``), a bool mask of the positions
+      (the logits' shape without the last dim) its logits hold; the engine drops
+      the other positions from every term that uses this teacher
+      (:meth:`known_target`). None: every position.
 
     It is a dataclass so that wrappers which look for the tensors in a module's
     output find them: FSDP2 hooks each gradient-carrying field (logits, hidden
     state, features) to gather the sharded parameters again for the backward.
     """
 
-    __slots__ = ("_logits", "features", "hidden", "head", "index")
+    __slots__ = ("_logits", "features", "hidden", "head", "index", "known")
     _logits: Tensor | None
     features: dict[str, Any]
     hidden: Tensor | None
     head: Head | None
     index: Tensor | None
+    known: Tensor | None
 
     def __init__(self, logits: Tensor | None = None, *, features: Mapping[str, Any] | None = None,
-                 hidden: Tensor | None = None, head: Head | None = None, index: Tensor | None = None):
+                 hidden: Tensor | None = None, head: Head | None = None, index: Tensor | None = None,
+                 known: Tensor | None = None):
         if logits is None and (hidden is None or head is None):
-            raise ValueError("Outputs needs logits, or both hidden and head")
+            raise ConfigError(_no_logits(features, hidden, head))
         self._logits = logits
         self.features: dict[str, Any] = dict(features or {})
-        self.hidden, self.head, self.index = hidden, head, index
+        self.hidden, self.head, self.index, self.known = hidden, head, index, known
 
     @classmethod
     def of(cls, value: "Tensor | Outputs") -> "Outputs":
@@ -72,6 +93,14 @@ class Outputs:
     def has_logits(self) -> bool:
         """Whether the logits exist already (False: reading them projects ``hidden``)."""
         return self._logits is not None
+
+    def known_target(self, target: Tensor | None) -> Tensor | None:
+        """``target`` with ``-100`` (ignored) at the positions these outputs do not know
+        (``known`` False), so that a term comparing with them skips those positions;
+        ``target`` itself where every position is known or there is no target."""
+        if self.known is None or target is None:
+            return target
+        return target.masked_fill(~self.known.to(target.device), -100)
 
     @property
     def projectable(self) -> bool:

@@ -1,8 +1,9 @@
 """The plugin system: hook specifications, the registry, plugin loading.
 
 - :mod:`~kdcore.plugins.hookspecs`: the hooks a plugin implements (``register_losses(register)``, ...);
-- :mod:`~kdcore.plugins.registry`: :class:`Registry` (``available``, ``create``, parameter checks) and
-  :func:`~kdcore.plugins.registry.current_registry`, from which components build the components they name;
+- :mod:`~kdcore.plugins.registry`: :class:`Registry` (``available``, ``create``, parameter checks),
+  :func:`build`, through which components build the components they name (keeping the config's key
+  path in errors), and :func:`~kdcore.plugins.registry.current_registry`, the registry it builds from;
 - :mod:`~kdcore.plugins.loading`: discovery through the entry-point group ``kdcore`` and the built-in
   plugin, :func:`default_registry`, :func:`available` and :func:`create`.
 
@@ -13,7 +14,7 @@ module name when the registry loads, never by an import statement here.
 from kdcore.plugins.hookspecs import KINDS, hookimpl
 from kdcore.plugins.loading import (BUILTIN, ENTRY_POINT_GROUP, PluginWarning, available, create, default_registry,
                                     load_registry, reload_plugins)
-from kdcore.plugins.registry import Registry
+from kdcore.plugins.registry import Registry, Spec, build
 
-__all__ = ["KINDS", "hookimpl", "Registry", "BUILTIN", "ENTRY_POINT_GROUP", "PluginWarning", "available", "create",
+__all__ = ["KINDS", "hookimpl", "Registry", "Spec", "build", "BUILTIN", "ENTRY_POINT_GROUP", "PluginWarning", "available", "create",
            "default_registry", "load_registry", "reload_plugins"]

@@ -25,7 +25,12 @@ def register_divergences(register):
 
 @hookspec
 def register_transforms(register):
-    """Register soft-label transforms ``transform(teacher_logp, target) -> logp``."""
+    """Register transforms: ``transform(logp, target) -> logp`` on each side the
+    transform's ``side`` names (``"teacher"`` when absent, ``"student"``, ``"both"``),
+    or ``pair(teacher_logp, student_logp, target) -> (teacher, student[, scale])``
+    for one that couples the sides. An ``nn.Module`` transform trains and
+    checkpoints with its loss term; ``set_progress(progress)`` is called before
+    each step where defined (docs/methods/transforms.md)."""
 
 
 @hookspec

@@ -11,13 +11,13 @@ import contextlib
 import importlib
 import inspect
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
 import attrs
 
-from kdcore.common.errors import ConfigError, PluginError, UnknownComponentError
+from kdcore.common.errors import ConfigError, PluginError, UnknownComponentError, join_path
 from kdcore.common.params import finite
 from kdcore.common.pyrefs import is_python_ref, resolve
 from kdcore.plugins.hookspecs import KINDS
@@ -151,10 +151,25 @@ def accepted_parameters(factory: Callable[..., Any]) -> tuple[set[str], bool]:
     return names, True
 
 
-def check_parameters(component: Component, params: Mapping[str, Any]) -> None:
-    """Raise :class:`ConfigError` for a parameter the factory does not take, or for
-    ``inf`` / ``nan`` anywhere in a parameter's value (every component's parameters,
-    from a config file or from :meth:`Registry.create`, pass here)."""
+def required_parameters(factory: Callable[..., Any]) -> list[str]:
+    """The parameters a factory's own signature takes with no default, in order.
+
+    Only the outermost signature counts: what a class forwards to its base
+    through ``**kwargs`` it may fill in itself."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature
+        return []
+    return [p.name for p in sig.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_parameters(component: Component, params: Mapping[str, Any], provided: Iterable[str] = ()) -> None:
+    """Raise :class:`ConfigError` for a parameter the factory does not take, for one
+    it requires and is not given (``provided`` names those the caller adds itself,
+    e.g. a backbone's ``num_classes``), or for ``inf`` / ``nan`` anywhere in a
+    parameter's value (every component's parameters, from a config file or from
+    :meth:`Registry.create`, pass here). Each message starts with the parameter."""
     accepted, open_ended = accepted_parameters(component.factory)
     for key, value in params.items():
         if not open_ended and key not in accepted:
@@ -163,6 +178,11 @@ def check_parameters(component: Component, params: Mapping[str, Any]) -> None:
                 f"{key}: unknown parameter of {component.kind} {component.name!r} (accepted: {ok})"
             )
         finite(key, value)
+    missing = [key for key in required_parameters(component.factory) if key not in {*params, *provided}]
+    if missing:
+        takes = ", ".join(sorted(accepted)) or "no parameters"
+        raise ConfigError(f"{missing[0]}: required parameter missing ({component.kind} {component.name!r} "
+                          f"takes: {takes})")
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -246,8 +266,49 @@ class Registry:
         except ConfigError:
             raise
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{kind} {name!r}: {exc}") from exc
+            raise ConfigError.unkeyed(f"{kind} {name!r}: {exc}") from exc
         except (MemoryError, RuntimeError) as exc:  # e.g. a dataset of 2e9 samples, a layer no memory holds
             if not _out_of_memory(exc):
                 raise
             raise _too_large(kind, name, params, exc) from None
+
+
+#: what names a component: a registered name, a ``{"name": ..., **params}`` table, or the object itself
+Spec = str | Mapping[str, Any] | Callable[..., Any]
+
+
+def build(kind: str, spec: Spec, key: str = "", *, registry: Registry | None = None) -> Any:
+    """Build the component of ``kind`` that ``spec`` names, as the config key ``key`` of
+    the component being built (``"inner"``, ``"divergence"``, ``"transforms[0]"``).
+
+    ``spec`` is a registered name, a ``{"name": ..., **params}`` mapping, or an object
+    (returned as is). Components that build components call this, so every error keeps
+    the config's key path: built at ``loss[1]``, a loss whose ``inner`` is ``"kdd"``
+    fails with ``loss[1].inner: unknown loss 'kdd'; did you mean 'kd'?`` (an
+    :class:`UnknownComponentError`) and one whose ``inner`` is ``{name = "kd",
+    temperature = -1}`` with ``loss[1].inner.temperature: must be > 0`` (a
+    :class:`ConfigError`). ``registry`` defaults to the one building the calling
+    component, else the default registry."""
+    registry = registry or current_registry()
+    if isinstance(spec, str):
+        name, params, name_key = spec, {}, key
+    elif isinstance(spec, Mapping):
+        params = dict(spec)
+        name, name_key = params.pop("name", None), join_path(key, "name")
+        if not isinstance(name, str):
+            raise ConfigError(f"{name_key}: a {kind} table needs a 'name'")
+    elif callable(spec):
+        return spec
+    else:
+        raise ConfigError(f"{key or kind}: expected a {kind} name, a table with 'name', or a {kind} object, "
+                          f"got {spec!r}")
+    try:
+        registry.get(kind, name)  # an unknown name is the error of the key that holds it
+    except UnknownComponentError as exc:
+        raise exc.with_path(name_key) from exc
+    except ConfigError as exc:  # a "python:MODULE:ATTRIBUTE" that does not resolve
+        raise ConfigError.unkeyed(str(exc)).with_path(name_key) from exc
+    try:
+        return registry.create(kind, name, **params)
+    except ConfigError as exc:  # the component's own errors and its components' (unknown names included)
+        raise exc.with_path(key) from exc
