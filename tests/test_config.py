@@ -75,7 +75,7 @@ def test_component_errors(tmp_path):
         load_text(tmp_path, BASE.replace('name = "gaussian_mixture"', 'name = "gaussian_mixture"\nnn = 3') + TEACHER)
     with pytest.raises(ConfigError, match=r"^student\.backbone: required"):
         load_text(tmp_path, BASE.replace('backbone = "mlp"', 'hidden = [3]') + TEACHER)
-    with pytest.raises(ConfigError, match=r"^loss\[0\]\.schedule\.name: unknown scheduler 'linaer'"):
+    with pytest.raises(ConfigError, match=r"^loss\[0\]\.schedule: unknown scheduler 'linaer'"):
         load_text(tmp_path, BASE.replace('name = "ce"', 'name = "ce"\nschedule = "linaer"') + TEACHER)
     with pytest.raises(ConfigError, match=r"^loss: required section"):
         load_text(tmp_path, '[data]\nname = "gaussian_mixture"\n[student]\nbackbone = "mlp"\n')

@@ -1,5 +1,8 @@
-"""Checking a config's components against a registry: every named component
-exists and accepts its parameters (nested divergences, transforms, schedules).
+"""Checking a config's components against a registry before anything is built: every
+named component exists, accepts its parameters and is given the ones it requires
+(for the divergences, transforms and schedules a term names by convention; what a
+component builds itself is checked when :func:`kdcore.build` builds it, with the
+same key paths).
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 
-from kdcore.common.errors import ConfigError, UnknownComponentError
+from kdcore.common.errors import ConfigError, UnknownComponentError, join_path
 from kdcore.config.schema import Config
 from kdcore.plugins.registry import Registry, check_parameters
 
@@ -19,16 +22,16 @@ def check_components(config: Config, registry: Registry) -> None:
         try:
             comp = registry.get(kind, name)
         except UnknownComponentError as exc:
-            raise ConfigError(f"{path}.{name_key}: {exc}" if name_key else f"{path}: {exc}") from None
+            raise exc.with_path(join_path(path, name_key)) from None
         try:
-            check_parameters(comp, {k: v for k, v in params.items() if k not in reserved})
+            check_parameters(comp, {k: v for k, v in params.items() if k not in reserved}, provided=reserved)
         except ConfigError as exc:
             raise exc.with_path(path) from None
 
     check("dataset", config.data.name, config.data.params, "data")
-    for section in ("teacher", "student"):
-        m = getattr(config, section)
-        if m is not None and m.backbone is not None:
+    models = {config.teacher_path(name): m for name, m in config.teacher_tables().items()}
+    for section, m in {**models, "student": config.student}.items():
+        if m.backbone is not None:
             check("backbone", m.backbone, m.params, section, "backbone", ("num_classes", "in_features"))
     def nested(kind: str, spec: Any, path: str) -> None:
         if isinstance(spec, str):
@@ -45,7 +48,7 @@ def check_components(config: Config, registry: Registry) -> None:
                 for j, spec in enumerate(value):
                     nested("transform", spec, f"loss[{i}].transforms[{j}]")
         if isinstance(term.schedule, str):
-            check("scheduler", term.schedule, {}, f"loss[{i}].schedule")
+            check("scheduler", term.schedule, {}, f"loss[{i}].schedule", name_key="")
         elif isinstance(term.schedule, Mapping):
             sched = dict(term.schedule)
             name = sched.pop("name", None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -12,7 +13,7 @@ from typing import Any
 
 from kdcore.common.errors import ConfigError
 from kdcore.config.parse import from_dict, resolve_paths
-from kdcore.config.schema import Config, MAX_DEPTH, MAX_FILE_BYTES
+from kdcore.config.schema import Config, MAX_DEPTH, MAX_FILE_BYTES, ONE_TEACHER
 
 _PATH = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\]|\.(\d+))?((?:\.[A-Za-z_][\w-]*)*)$")
 
@@ -44,11 +45,32 @@ def _parse_table(item: str, text: str, where: str, tables: bool) -> Any:
     raise ConfigError(f"--set {item!r}: {where} takes {wanted}{why}; set one key with {where}.KEY=VALUE")
 
 
+def _select_teacher(raw: dict[str, Any], item: str, name: str) -> None:
+    """``--set teacher=NAME`` on a config with ``[teachers.NAME]`` tables: the config of that
+    teacher alone (``[teacher]`` holds its table, the terms name no teacher). On a config
+    with ``[teacher]``, NAME is that teacher's name, ``teacher``."""
+    teachers = raw.get("teachers")
+    names = list(teachers) if isinstance(teachers, dict) else [ONE_TEACHER] if "teacher" in raw else []
+    if teachers is None and name in names:
+        return
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}" if close else ""
+        raise ConfigError(f"--set {item!r}: unknown teacher {name!r}{hint} (teachers: {', '.join(names) or 'none'})")
+    raw["teacher"] = raw.pop("teachers")[name]
+    losses = raw.get("loss")
+    for table in [losses] if isinstance(losses, dict) else losses if isinstance(losses, list) else []:
+        if isinstance(table, dict):
+            for key in ("teacher", "ensemble", "teacher_weights"):
+                table.pop(key, None)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` (or ``loss[1].key=value``) overrides; values
     are TOML (``0.1``, ``[1, 2]``, ``{name = "ab"}``, ``"text"``) or bare strings.
     ``section=VALUE`` replaces a whole section by a TOML table or, for an array of
-    tables such as ``[[loss]]``, by an array of tables; ``loss[1]={...}`` replaces one entry."""
+    tables such as ``[[loss]]``, by an array of tables; ``loss[1]={...}`` replaces one entry.
+    ``teacher=NAME`` keeps only teacher NAME of a config with ``[teachers.NAME]`` tables."""
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -58,6 +80,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         section, index = m.group(1), m.group(2) or m.group(3)
         keys = [k for k in m.group(4).split(".") if k]
         if index is None and not keys:
+            if section == "teacher" and isinstance(_parse_value(text.strip()), str):
+                _select_teacher(raw, item, _parse_value(text.strip()))
+                continue
             raw[section] = _parse_table(item, text.strip(), section, tables=True)
             continue
         node: Any = raw.setdefault(section, {} if index is None else [])

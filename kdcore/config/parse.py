@@ -4,6 +4,7 @@ section tables, component tables, key-path errors, limits, paths made absolute.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -15,10 +16,13 @@ import tomli_w
 
 from kdcore.common.errors import ConfigError
 from kdcore.config.schema import (ComponentConfig, Config, LossTermConfig, MAX_DEPTH, MAX_INT, MAX_LIST, MAX_SEED,
-                                  ModelConfig, OptimConfig, PATH_KEYS, PATH_SUFFIXES, RunConfig, SIGNAL_KEYS,
-                                  SignalsConfig, _check_type)
+                                  ModelConfig, ONE_TEACHER, OptimConfig, PATH_KEYS, PATH_SUFFIXES, RunConfig,
+                                  SIGNAL_KEYS, SignalsConfig, _check_type)
 
-_SECTIONS = ("run", "data", "teacher", "student", "optim", "loss", "weighting", "batch_policy")
+_SECTIONS = ("run", "data", "teacher", "teachers", "student", "optim", "loss", "weighting", "batch_policy")
+#: a teacher's name in ``[teachers.NAME]``: it becomes part of key paths and summary keys
+_TEACHER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENSEMBLES = ("probs", "logits")
 
 
 def _table(path: str, value: Any) -> dict[str, Any]:
@@ -84,6 +88,63 @@ def _teacher(path: str, table: Any) -> ModelConfig:
     return model
 
 
+def _teachers(table: Any) -> dict[str, ModelConfig]:
+    """``[teachers.NAME]`` tables, each read as ``[teacher]``; NAME a simple identifier."""
+    table = _table("teachers", table)
+    if not table:
+        raise ConfigError("teachers: add one [teachers.NAME] table per teacher (or use [teacher] for one)")
+    for name in table:
+        if not _TEACHER_NAME.fullmatch(name):
+            raise ConfigError(f"teachers.{name}: a teacher's name must be a simple identifier "
+                              "(letters, digits and _, not starting with a digit)")
+    return {name: _teacher(f"teachers.{name}", t) for name, t in table.items()}
+
+
+def _term_teacher(path: str, p: dict[str, Any]) -> tuple[str | list[str] | None, str, list[float] | None]:
+    """A term's ``teacher`` (a name, or a list of names: an ensemble), ``ensemble`` and
+    ``teacher_weights``, taken out of its parameters and checked for their form."""
+    teacher = p.pop("teacher", None)
+    ensemble = p.pop("ensemble", None)
+    weights = p.pop("teacher_weights", None)
+    if isinstance(teacher, list):
+        if len(teacher) < 2 or not all(isinstance(n, str) for n in teacher) or len(set(teacher)) < len(teacher):
+            raise ConfigError(f"{path}.teacher: an ensemble is a list of two or more different teacher names, "
+                              f"got {teacher!r}")
+    elif teacher is not None and not isinstance(teacher, str):
+        raise ConfigError(f"{path}.teacher: must be a teacher's name or a list of names, got {teacher!r}")
+    if not isinstance(teacher, list):
+        for key, value in (("ensemble", ensemble), ("teacher_weights", weights)):
+            if value is not None:
+                raise ConfigError(f"{path}.{key}: only for an ensemble (teacher = [\"a\", \"b\"])")
+        return teacher, "probs", None
+    if ensemble is not None and ensemble not in _ENSEMBLES:
+        raise ConfigError(f"{path}.ensemble: must be one of {', '.join(map(repr, _ENSEMBLES))}, got {ensemble!r}")
+    if weights is not None:
+        if not isinstance(weights, list) or len(weights) != len(teacher) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                for w in weights) or not sum(weights) > 0:
+            raise ConfigError(f"{path}.teacher_weights: must be {len(teacher)} non-negative numbers (one per "
+                              f"teacher, not all 0), got {weights!r}")
+        weights = [float(w) for w in weights]
+    return teacher, ensemble or "probs", weights
+
+
+def _check_term_teachers(config: Config) -> None:
+    """Every teacher a term names exists (a did-you-mean otherwise)."""
+    names = list(config.teacher_tables())
+    for i, term in enumerate(config.loss):
+        if term.teacher is None:
+            continue
+        if not names:
+            raise ConfigError(f"loss[{i}].teacher: the config has no teacher (add [teachers.NAME] tables)")
+        for name in [term.teacher] if isinstance(term.teacher, str) else term.teacher:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}" if close else ""
+                raise ConfigError(f"loss[{i}].teacher: unknown teacher {name!r}{hint} "
+                                  f"(teachers: {', '.join(names)})")
+
+
 def _loss_term(path: str, table: Any) -> LossTermConfig:
     comp = _component(path, table)
     p = comp.params
@@ -99,7 +160,8 @@ def _loss_term(path: str, table: Any) -> LossTermConfig:
     rows = p.pop("rows", "labelled")
     if rows not in ("labelled", "all"):
         raise ConfigError(f"{path}.rows: must be 'labelled' or 'all', got {rows!r}")
-    return LossTermConfig(comp.name, weight, schedule, term_id, p, rows)
+    teacher, ensemble, teacher_weights = _term_teacher(path, p)
+    return LossTermConfig(comp.name, weight, schedule, term_id, p, rows, teacher, ensemble, teacher_weights)
 
 
 def _key_path(parent: str, key: str | int) -> str:
@@ -154,9 +216,11 @@ def resolve_path(path: str, config_source: Path | None) -> Path:
 
 
 def resolve_paths(raw: dict[str, Any], source: Path | None) -> dict[str, Any]:
-    """Make the existing paths in ``[data]``, ``[teacher]`` and ``[student]`` absolute (in place)."""
-    for section in ("data", "teacher", "student"):
-        table = raw.get(section)
+    """Make the existing paths in ``[data]``, ``[teacher]``, ``[teachers.NAME]`` and ``[student]``
+    absolute (in place)."""
+    teachers = raw.get("teachers")
+    named = list(teachers.values()) if isinstance(teachers, dict) else []
+    for table in [raw.get(section) for section in ("data", "teacher", "student")] + named:
         if not isinstance(table, dict):
             continue
         for key, value in table.items():
@@ -175,6 +239,9 @@ def from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     for key in ("data", "student", "loss"):
         if key not in raw:
             raise ConfigError(f"{key}: required section is missing")
+    if "teacher" in raw and "teachers" in raw:
+        raise ConfigError("teachers: a config has [teacher] (one teacher) or [teachers.NAME] tables, not both; "
+                          f"move [teacher] to [teachers.NAME] (e.g. [teachers.{ONE_TEACHER}])")
     losses = raw["loss"]
     if isinstance(losses, Mapping):
         losses = [losses]
@@ -187,6 +254,7 @@ def from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         optim=_plain(OptimConfig, "optim", raw.get("optim")),
         loss=[_loss_term(f"loss[{i}]", t) for i, t in enumerate(losses)],
         teacher=_teacher("teacher", raw["teacher"]) if "teacher" in raw else None,
+        teachers=_teachers(raw["teachers"]) if "teachers" in raw else None,
         weighting=_component("weighting", raw["weighting"]) if "weighting" in raw else None,
         batch_policy=_component("batch_policy", raw["batch_policy"]) if "batch_policy" in raw else None,
         source=source,
@@ -197,6 +265,7 @@ def from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             raise ConfigError(f"loss[{i}].id: {t.id!r} is used by more than one term")
         if t.id:
             seen_ids.add(t.id)
+    _check_term_teachers(config)
     for i, m in enumerate(config.optim.milestones):
         if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
             raise ConfigError(f"optim.milestones[{i}]: must be a positive integer epoch, got {m!r}")
@@ -222,6 +291,8 @@ def to_dict(config: Config) -> dict[str, Any]:
     }
     if config.teacher is not None:
         out["teacher"] = model(config.teacher)
+    if config.teachers is not None:
+        out["teachers"] = {name: model(m) for name, m in config.teachers.items()}
     out["student"] = model(config.student)
     out["optim"] = attrs.asdict(config.optim)
     out["loss"] = []
@@ -233,6 +304,12 @@ def to_dict(config: Config) -> dict[str, Any]:
             d["id"] = t.id
         if t.rows != "labelled":
             d["rows"] = t.rows
+        if t.teacher is not None:
+            d["teacher"] = t.teacher
+        if isinstance(t.teacher, list):
+            d["ensemble"] = t.ensemble
+        if t.teacher_weights is not None:
+            d["teacher_weights"] = t.teacher_weights
         out["loss"].append(d)
     if config.weighting is not None:
         out["weighting"] = {"name": config.weighting.name, **config.weighting.params}

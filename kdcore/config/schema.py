@@ -23,6 +23,9 @@ MAX_SEED = 2**63 - 1
 PATH_KEYS = frozenset({"path", "root", "dir", "file", "store", "checkpoint", "tokenizer"})
 PATH_SUFFIXES = ("_path", "_dir", "_file", "_root")
 
+#: the name of the one teacher of a ``[teacher]`` table (a term may say ``teacher = "teacher"``)
+ONE_TEACHER = "teacher"
+
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 
 
@@ -74,6 +77,8 @@ class RunConfig:
     strategy: str = _field(str, "ddp", choices=("ddp", "fsdp"))  # how the student is wrapped under torchrun
     dist_timeout_s: float = _field(float, 300.0, _positive)  # under torchrun: longest wait for the other ranks
     measure_memory: bool = _field(bool, False)  # summary.json gets peak_step_mib: the peak memory of step 2
+    evaluate_teacher: bool = _field(bool, True)  # the summary evaluates each teacher (kept in the teacher-eval cache)
+    best_metric: str = _field(str, "auto")  # what best.pt keeps (auto: val_nll for token-level data, else val_acc)
 
 
 @attrs.define
@@ -137,6 +142,9 @@ class LossTermConfig:
     id: str | None = None    # label in logs; default: the name (suffixed if repeated)
     params: dict[str, Any] = attrs.field(factory=dict)
     rows: str = "labelled"   # "all": also the unlabelled rows (target -100) of a transfer set
+    teacher: str | list[str] | None = None  # with [teachers.NAME]: the teacher's name, or a list (an ensemble)
+    ensemble: str = "probs"  # an ensemble's reduction: "probs" (mean of probabilities) or "logits"
+    teacher_weights: list[float] | None = None  # an ensemble's weights (non-negative; normalised)
 
 
 @attrs.define
@@ -149,9 +157,21 @@ class Config:
     optim: OptimConfig  # optimizer and learning-rate schedule
     loss: list[LossTermConfig]  # the terms of the objective, one table each
     teacher: ModelConfig | None = None  # omit to train a teacher (a plain supervised run)
+    teachers: dict[str, ModelConfig] | None = None  # [teachers.NAME]: several teachers, by name
     weighting: ComponentConfig | None = None  # a gradient-aware scheduler over the terms
     batch_policy: ComponentConfig | None = None  # replaces each step's batch (kdcore.losses.policy)
     source: Path | None = attrs.field(default=None, eq=False)
+
+    def teacher_tables(self) -> dict[str, ModelConfig]:
+        """The run's teachers by name: ``{"teacher": ...}`` for the one-teacher form
+        ``[teacher]``, the ``[teachers.NAME]`` tables otherwise, ``{}`` without a teacher."""
+        if self.teachers is not None:
+            return dict(self.teachers)
+        return {} if self.teacher is None else {ONE_TEACHER: self.teacher}
+
+    def teacher_path(self, name: str) -> str:
+        """The key path of teacher ``name``'s table: ``teacher`` or ``teachers.NAME``."""
+        return "teacher" if self.teachers is None else f"teachers.{name}"
 
     def term_ids(self) -> list[str]:
         """Unique labels of the loss terms, in order: ``id`` or the name,

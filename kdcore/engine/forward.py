@@ -60,9 +60,11 @@ class Forward:
     The student runs through ``model`` (the student, or its DDP wrapper or
     compiled form) with the taps ``terms`` name on the unwrapped ``student``;
     the teacher's outputs come from the run's teacher source, under
-    ``no_grad``, where a term uses the teacher. Under FSDP the student is asked
-    to return its logits (:func:`prefer_logits`) and must
-    (:func:`check_sharded_outputs`).
+    ``no_grad``, where a term uses the teacher. With several teachers
+    (``teacher_source`` a mapping by name) the outputs are a mapping by name of
+    the teachers ``terms`` use, each teacher run once with the taps of the terms
+    bound to it. Under FSDP the student is asked to return its logits
+    (:func:`prefer_logits`) and must (:func:`check_sharded_outputs`).
     """
 
     def __init__(self, runtime: Runtime, student: nn.Module, objective: Objective, teacher_source, sharded: bool):
@@ -71,7 +73,7 @@ class Forward:
         if sharded:
             prefer_logits(student)
 
-    def __call__(self, batch: Batch, terms, model: nn.Module) -> tuple[Outputs, Outputs | None]:
+    def __call__(self, batch: Batch, terms, model: nn.Module) -> tuple[Outputs, Outputs | dict[str, Outputs] | None]:
         inputs = self.runtime.inputs(batch.inputs)
         taps = self.objective.has_taps
         s = forward(model, inputs, self.student, self.objective.taps(terms, "student") if taps else (), batch.index)
@@ -80,8 +82,16 @@ class Forward:
         t = None
         if self.teacher_source is not None and any(term.uses_teacher for term in terms):
             with torch.no_grad():
-                t = self.teacher_source(batch, inputs, self.objective.taps(terms, "teacher") if taps else ())
+                t = self._teachers(batch, inputs, terms, taps)
         return s, t
+
+    def _teachers(self, batch: Batch, inputs, terms, taps: bool) -> Outputs | dict[str, Outputs]:
+        """The teacher's outputs, or with several teachers those ``terms`` use, by name."""
+        source, objective = self.teacher_source, self.objective
+        if not isinstance(source, Mapping):
+            return source(batch, inputs, objective.taps(terms, "teacher") if taps else ())
+        return {name: source[name](batch, inputs, objective.taps(terms, "teacher", name) if taps else ())
+                for name in objective.teachers_of(terms)}
 
 
 def materialise_lazy_terms(fwd: Forward, batches) -> None:

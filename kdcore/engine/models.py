@@ -54,24 +54,29 @@ def build_backbone(mc: ModelConfig, section: str, data: DataSplits, registry: Re
     return model
 
 
-def build_teacher(config: Config, data: DataSplits, registry: Registry) -> nn.Module:
-    """``[teacher]``'s model with its trained weights, frozen, in eval mode (on the CPU)."""
-    teacher = build_backbone(config.teacher, "teacher", data, registry, config.source)
-    if config.teacher.checkpoint is None and not getattr(teacher, "pretrained", False):
-        raise ConfigError("teacher.checkpoint: required (the teacher's trained weights; a backbone "
+def build_teacher(config: Config, data: DataSplits, registry: Registry, name: str | None = None) -> nn.Module:
+    """Teacher ``name``'s model (default: the one teacher) with its trained weights,
+    frozen, in eval mode (on the CPU)."""
+    tables = config.teacher_tables()
+    name = next(iter(tables)) if name is None else name
+    mc, section = tables[name], config.teacher_path(name)
+    teacher = build_backbone(mc, section, data, registry, config.source)
+    if mc.checkpoint is None and not getattr(teacher, "pretrained", False):
+        raise ConfigError(f"{section}.checkpoint: required (the teacher's trained weights; a backbone "
                           "that loads its own weights sets pretrained = True)")
     return teacher.eval().requires_grad_(False)
 
 
 def build_model(config: Config, section: str = "student", data: DataSplits | None = None, *,
                 registry: Registry | None = None) -> nn.Module:
-    """The model of a config's ``[student]`` or ``[teacher]`` table, with its checkpoint
-    loaded (a teacher frozen and in eval mode), for ``data`` (default: the config's
-    ``[data]``, built) and the installed plugins (or ``registry``)."""
-    if section not in ("student", "teacher") or getattr(config, section) is None:
+    """The model of a config's ``[student]``, ``[teacher]`` or ``[teachers.NAME]`` table
+    (``section``), with its checkpoint loaded (a teacher frozen and in eval mode), for
+    ``data`` (default: the config's ``[data]``, built) and the installed plugins (or ``registry``)."""
+    teacher = {config.teacher_path(n): n for n in config.teacher_tables()}.get(section)
+    if teacher is None and (section != "student" or config.student is None):
         raise ConfigError(f"{section}: the config has no [{section}] table")
     registry = default_registry() if registry is None else registry
     data = build_data(config, registry) if data is None else data
-    if section == "teacher":
-        return build_teacher(config, data, registry)
+    if teacher is not None:
+        return build_teacher(config, data, registry, teacher)
     return build_backbone(config.student, "student", data, registry, config.source)

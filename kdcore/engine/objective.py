@@ -10,18 +10,24 @@ logits; any other callable with logits. With a stored teacher
 both models over the teacher's k + 1 buckets. Losses that are ``nn.Module`` s may own
 parameters and buffers: :attr:`Objective.modules` holds them for the optimizer
 and the checkpoints.
+
+With several teachers (``[teachers.NAME]``) each term is bound to the teacher it
+names (:attr:`Term.teachers`), the teachers' outputs arrive as a mapping by name,
+and a term naming several teachers sees their ensemble (:func:`ensemble_outputs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+import torch
 from torch import Tensor, nn
 
 from kdcore.common.errors import ConfigError, LossTermFailure, PluginError, RunFailure, UnknownComponentError
-from kdcore.config import Config
+from kdcore.config import Config, LossTermConfig
 from kdcore.engine.taps import check_taps, tap_paths
 from kdcore.losses import LogitLoss, build
 from kdcore.losses.outputs import Outputs
@@ -63,6 +69,12 @@ class Term:
     #: ``"all"``: it is called without targets, so it averages over every row,
     #: the unlabelled rows of a transfer set included
     rows: str = "labelled"
+    #: the names of the teachers the term uses (several: an ensemble); () where it names none
+    teachers: tuple[str, ...] = ()
+    #: an ensemble's reduction, ``"probs"`` or ``"logits"`` (see :func:`ensemble_outputs`)
+    ensemble: str = "probs"
+    #: an ensemble's weights, normalised to sum 1 (None: equal weights)
+    teacher_weights: tuple[float, ...] | None = None
 
     @property
     def uses_teacher(self) -> bool:
@@ -85,7 +97,7 @@ class Term:
     def weight_at(self, progress: Progress) -> float:
         return self.weight if self.schedule is None else self.weight * float(self.schedule(progress))
 
-    def __call__(self, student: Outputs, teacher: Outputs | None, target: Tensor,
+    def __call__(self, student: Outputs, teacher: Outputs | Mapping[str, Outputs] | None, target: Tensor,
                  step: int | None = None) -> Tensor:
         """The term's unweighted value, a 0-dim tensor. A loss that raises (other than
         kdcore's own exceptions) or returns anything else is a
@@ -102,12 +114,22 @@ class Term:
             raise LossTermFailure(self.id, self.path, problem, step)
         return value
 
-    def _value(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> Any:
+    def teacher_outputs(self, teacher: Outputs | Mapping[str, Outputs] | None) -> Outputs | None:
+        """This term's teacher outputs: ``teacher`` itself (one teacher), or from a mapping
+        by name (several teachers) the bound teacher's, or the ensemble of its teachers."""
+        if not isinstance(teacher, Mapping):
+            return teacher
+        if len(self.teachers) == 1:
+            return teacher[self.teachers[0]]
+        return ensemble_outputs([teacher[n] for n in self.teachers], self.ensemble, self.teacher_weights)
+
+    def _value(self, student: Outputs, teacher: Outputs | Mapping[str, Outputs] | None, target: Tensor) -> Any:
         """The loss called with what it declares it needs (see the module's docstring)."""
-        if not self.uses_teacher:
-            teacher = None
+        teacher = self.teacher_outputs(teacher) if self.uses_teacher else None
         if self.rows == "all":
             target = None
+        if isinstance(teacher, Outputs):  # a teacher that knows only some positions: only those
+            target = teacher.known_target(target)
         if isinstance(teacher, TopKOutputs):  # a stored teacher: both sides on its k + 1 buckets
             return bucket_loss(self.loss, student, teacher, target, outputs=self.uses_outputs)
         if self.uses_outputs:
@@ -115,6 +137,67 @@ class Term:
         if isinstance(self.loss, LogitLoss) and (_fusable(student) or _fusable(teacher)):
             return self.loss(student, teacher, target)
         return self.loss(student.logits, None if teacher is None else teacher.logits, target)
+
+
+def ensemble_outputs(outputs: Sequence[Outputs], reduction: str = "probs",
+                     weights: Sequence[float] | None = None) -> Outputs:
+    """The ensemble of several teachers' outputs, as logits over the same classes (in float32):
+    ``"probs"``: ``log(sum_i w_i softmax(z_i))``, the log of the (weighted) mean of the
+    teachers' probabilities, which a loss takes as logits (its softmax is that mean);
+    ``"logits"``: ``sum_i w_i z_i``, the (weighted) mean of their logits. ``weights`` sum to 1
+    (None: equal weights). A teacher giving ``Outputs(hidden, head)`` has its logits computed."""
+    weights = [1.0 / len(outputs)] * len(outputs) if weights is None else list(weights)
+    parts = [(w, o.logits.float()) for w, o in zip(weights, outputs) if w > 0]
+    if reduction == "logits":
+        logits = sum(w * z for w, z in parts)
+    else:
+        logits = torch.logsumexp(torch.stack([torch.log_softmax(z, -1) + math.log(w) for w, z in parts]), 0)
+    return Outputs(logits=logits, index=outputs[0].index)
+
+
+def _bind_teachers(term: Term, spec: LossTermConfig, config: Config) -> None:
+    """Bind ``term`` to the teacher(s) its table names (``teacher``, ``ensemble``,
+    ``teacher_weights``), or to the only teacher where it names none; refuse what
+    cannot work (see docs/teachers.md)."""
+    tables = config.teacher_tables()
+    names = list(tables)
+    if spec.teacher is not None and not term.uses_teacher:
+        raise ConfigError(f"{term.path}.teacher: loss {spec.name!r} does not use a teacher; remove the key")
+    if not term.uses_teacher or not names:
+        return
+    if spec.teacher is None:
+        if len(names) > 1:
+            raise ConfigError(f"{term.path}.teacher: required with several teachers: name one of "
+                              f"{', '.join(names)} (teacher = \"NAME\"), or several for an ensemble")
+        term.teachers = (names[0],)
+        return
+    term.teachers = (spec.teacher,) if isinstance(spec.teacher, str) else tuple(spec.teacher)
+    if len(term.teachers) == 1:
+        return
+    if term.taps("teacher"):
+        raise ConfigError(f"{term.path}.teacher: an ensemble has no layers to tap, and this term taps the "
+                          f"teacher's {', '.join(term.taps('teacher'))}; name one teacher")
+    stored = [n for n in term.teachers if tables[n].signals.source == "store"]
+    if stored:
+        raise ConfigError(f"{term.path}.teacher: {stored[0]!r} is a stored teacher (top-k buckets, not whole "
+                          "distributions); an ensemble takes teachers with source = 'model'")
+    term.ensemble = spec.ensemble
+    if spec.teacher_weights is not None:
+        total = sum(spec.teacher_weights)
+        term.teacher_weights = tuple(w / total for w in spec.teacher_weights)
+
+
+def _check_all_used(terms: Sequence[Term], config: Config) -> None:
+    """A ``[teachers.NAME]`` table that no term uses is a mistake (a teacher built for nothing)."""
+    if config.teachers is None:
+        return
+    used = {n for t in terms for n in t.teachers}
+    for name in config.teachers:
+        if name not in used:
+            users = [t.path for t in terms if t.uses_teacher]
+            hint = f"name it in a term ({', '.join(users)}: teacher = \"{name}\")" if users else \
+                "add a term that uses it"
+            raise ConfigError(f"teachers.{name}: no loss term uses teacher {name!r}; {hint}, or remove the table")
 
 
 def _check_all_rows(loss: Any, name: str, config: Config, world: int, path: str) -> None:
@@ -133,6 +216,18 @@ def _fusable(outputs: Outputs | None) -> bool:
     return outputs is not None and outputs.projectable and not outputs.has_logits
 
 
+def _followers(terms: list[Term]) -> list[Any]:
+    """The distinct components of ``terms`` that define ``set_progress``: each loss, the
+    modules inside it and the transforms of its chain, in order."""
+    found: dict[int, Any] = {}
+    for term in terms:
+        inner = list(term.loss.modules()) if isinstance(term.loss, nn.Module) else [term.loss]
+        for component in (*inner, *(getattr(term.loss, "transforms", None) or ())):
+            if callable(getattr(component, "set_progress", None)):
+                found.setdefault(id(component), component)
+    return list(found.values())
+
+
 def _module_key(term_id: str) -> str:
     return term_id.replace(".", "_")
 
@@ -147,6 +242,8 @@ class Objective:
         self.has_taps = any(t.uses_outputs for t in terms)
         #: the terms' losses that are modules (their parameters and buffers train and checkpoint)
         self.modules = nn.ModuleDict({_module_key(t.id): t.loss for t in terms if isinstance(t.loss, nn.Module)})
+        #: the terms' components with ``set_progress`` (see :meth:`set_progress`)
+        self.followers = _followers(terms)
 
     @classmethod
     def from_config(cls, config: Config, registry: Registry, world: int = 1) -> "Objective":
@@ -155,48 +252,69 @@ class Objective:
         terms = []
         for i, (term, tid) in enumerate(zip(config.loss, config.term_ids())):
             path = f"loss[{i}]"
-            try:
-                loss = registry.create("loss", term.name, **term.params)
-            except ConfigError as exc:
-                raise exc.with_path(path) from None
+            loss = build("loss", {**term.params, "name": term.name}, path, registry=registry)
             schedule = None
             if term.schedule is not None:
-                schedule = build("scheduler", term.schedule, f"{path}.schedule")
+                schedule = build("scheduler", term.schedule, f"{path}.schedule", registry=registry)
                 if not callable(schedule):
                     raise ConfigError(f"{path}.schedule: {term.schedule!r} is not a time schedule")
             if term.rows == "all":
                 _check_all_rows(loss, term.name, config, world, path)
             terms.append(Term(tid, loss, term.weight, schedule, path, term.rows))
+            _bind_teachers(terms[-1], term, config)
         objective = cls(terms)
-        if objective.uses_teacher and config.teacher is None:
+        if objective.uses_teacher and not config.teacher_tables():
             names = [t.id for t in terms if t.uses_teacher]
             raise ConfigError(f"teacher: required by loss term(s) {', '.join(names)} (add a [teacher] table)")
+        _check_all_used(terms, config)
         return objective
 
-    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def bind(self, student: nn.Module, teacher: nn.Module | Mapping[str, nn.Module | None] | None) -> None:
         """Let feature terms see the models (``loss.bind(student, teacher)``, e.g. for
-        default taps), then check every tap path against the models."""
+        default taps), then check every tap path against the models. ``teacher``: the
+        one teacher, or the teachers' models by name (None for a stored one)."""
         for term in self.terms:
             if not term.uses_outputs:
                 continue
+            own = teacher
+            if isinstance(teacher, Mapping):
+                own = teacher.get(term.teachers[0]) if len(term.teachers) == 1 else None
             if callable(getattr(term.loss, "bind", None)):
-                term.loss.bind(student, teacher if term.uses_teacher else None)
+                term.loss.bind(student, own if term.uses_teacher else None)
             check_taps(student, term.taps("student"), term.path, "student")
-            if teacher is not None:
-                check_taps(teacher, term.taps("teacher"), term.path, "teacher")
+            if own is not None:
+                check_taps(own, term.taps("teacher"), term.path, "teacher")
 
-    def taps(self, terms: list[Term], side: str) -> tuple[str, ...]:
-        """The union of ``terms``' tap paths on ``side`` ("student" or "teacher"), in order."""
+    def taps(self, terms: list[Term], side: str, teacher: str | None = None) -> tuple[str, ...]:
+        """The union of ``terms``' tap paths on ``side`` ("student" or "teacher"), in order;
+        with ``teacher`` (a name) only those of the terms bound to that teacher alone."""
+        if teacher is not None:
+            terms = [t for t in terms if t.teachers == (teacher,)]
         return tuple(dict.fromkeys(p for t in terms for p in t.taps(side)))
 
+    @staticmethod
+    def teachers_of(terms: list[Term]) -> list[str]:
+        """The names of the teachers ``terms`` use, in order: the ones a step must run."""
+        return list(dict.fromkeys(n for t in terms if t.uses_teacher for n in t.teachers))
+
     def weights(self, progress: Progress) -> dict[str, float]:
+        """Each term's weight at ``progress``. ``kdcore train`` and ``kdcore_lm.KDTrainer``
+        call it before each step's forward, so it first hands ``progress`` to the
+        components that follow training time (:meth:`set_progress`)."""
+        self.set_progress(progress)
         return {t.id: t.weight_at(progress) for t in self.terms}
+
+    def set_progress(self, progress: Progress) -> None:
+        """Call ``set_progress(progress)`` on every loss, module inside a loss, and
+        transform of a term's chain that defines it (e.g. ``ctkd``'s curriculum)."""
+        for component in self.followers:
+            component.set_progress(progress)
 
     def active(self, weights: Mapping[str, float], names=None) -> list[Term]:
         """Terms with a non-zero weight (among ``names`` if given)."""
         return [t for t in self.terms if weights[t.id] != 0.0 and (names is None or t.id in names)]
 
-    def losses(self, student: Outputs, teacher: Outputs | None, target: Tensor,
+    def losses(self, student: Outputs, teacher: Outputs | Mapping[str, Outputs] | None, target: Tensor,
                weights: Mapping[str, float], names=None, step: int | None = None) -> dict[str, Tensor]:
         """Unweighted value of every active term (among ``names`` if given); ``step``, the
         optimizer step's number, goes into the message of a term that fails."""
@@ -225,10 +343,7 @@ def build_weighting(config: Config, registry: Registry) -> GradientWeighting | N
     wc = config.weighting
     if wc is None:
         return None
-    try:
-        w = registry.create("scheduler", wc.name, **wc.params)
-    except ConfigError as exc:
-        raise exc.with_path("weighting") from None
+    w = build("scheduler", {**wc.params, "name": wc.name}, "weighting", registry=registry)
     if not isinstance(w, GradientWeighting):
         raise ConfigError(f"weighting.name: {wc.name!r} is not a gradient-aware scheduler "
                           "(use it as a term's schedule instead)")
@@ -245,7 +360,4 @@ def build_batch_policy(config: Config, registry: Registry):
     pc = config.batch_policy
     if pc is None:
         return None
-    try:
-        return registry.create("batch_policy", pc.name, **pc.params)
-    except ConfigError as exc:
-        raise exc.with_path("batch_policy") from None
+    return build("batch_policy", {**pc.params, "name": pc.name}, "batch_policy", registry=registry)

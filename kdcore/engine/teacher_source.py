@@ -22,6 +22,7 @@ import errno
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,9 +38,11 @@ from kdcore.data import fingerprint
 from kdcore.engine.batches import Batch
 from kdcore.engine.forward import forward
 from kdcore.engine.objective import Objective
+from kdcore.losses.functional import IGNORE_INDEX
 from kdcore.losses.outputs import Outputs
 from kdcore.signals import store
-from kdcore.signals.buckets import TopKOutputs
+from kdcore.signals.buckets import TopKOutputs, bucket_loss, check_transforms
+from kdcore.signals.records import draw_weights
 
 
 def target_shape(split) -> tuple[int, ...]:
@@ -51,20 +54,30 @@ def target_shape(split) -> tuple[int, ...]:
     return tuple(torch.as_tensor(sample["target"] if isinstance(sample, Mapping) else sample[1]).shape)
 
 
-def check_keyed_by_index(config: Config, data: DataSplits, objective: Objective, what: str) -> None:
+def _uses(term, name: str, config: Config) -> bool:
+    """Whether ``term`` uses teacher ``name`` (in the one-teacher form: any term that uses a teacher)."""
+    return term.uses_teacher and (config.teachers is None or name in term.teachers)
+
+
+def check_keyed_by_index(config: Config, data: DataSplits, objective: Objective, what: str,
+                         name: str | None = None) -> None:
     """Refuse teacher outputs keyed by sample index where they would not be the teacher's
-    outputs on the student's inputs (``what``: the key path, ``teacher.source`` or ``teacher.cache``)."""
+    outputs on the student's inputs (``what``: the key path, ``teacher.source`` or ``teacher.cache``;
+    ``name``: the teacher's, default the one teacher)."""
+    tables = config.teacher_tables()
+    name = next(iter(tables)) if name is None else name
     if getattr(config, "batch_policy", None) is not None:
         raise ConfigError(f"{what}: [batch_policy] replaces each step's inputs, so teacher outputs "
                           "keyed by sample index do not apply (use source = 'model' without cache)")
     for term in objective.terms:
-        if term.uses_teacher and term.taps("teacher"):
+        if _uses(term, name, config) and term.taps("teacher"):
             raise ConfigError(f"{what}: {term.path} taps the teacher's features, which only a running "
                               "teacher has (use source = 'model' without cache)")
-    if not config.teacher.signals.fixed_view and fingerprint.random_views(data):
+    if not tables[name].signals.fixed_view and fingerprint.random_views(data):
+        section = config.teacher_path(name)
         raise ConfigError(f"{what}: the training split's augmentation is random (each epoch shows new views "
                           "of a sample), so teacher outputs keyed by sample index would not match the "
-                          "student's inputs; turn the augmentation off, or set teacher.fixed_view = true to "
+                          f"student's inputs; turn the augmentation off, or set {section}.fixed_view = true to "
                           "accept the teacher's outputs on one view per sample")
 
 
@@ -163,8 +176,9 @@ class CachedTeacher:
     was random after all), so the cache never answers for other inputs."""
 
     def __init__(self, model: ModelTeacher, n: int, budget_mb: int, device: torch.device,
-                 spill_dir: Path | None):
+                 spill_dir: Path | None, section: str = "teacher"):
         self.model, self.n, self.device, self.spill_dir = model, n, device, spill_dir
+        self.section = section  # the teacher's key path, for messages
         self.budget = budget_mb * 2**20
         self.rows: _Rows | None = None
         self.head = None
@@ -176,8 +190,9 @@ class CachedTeacher:
         same = torch.isclose(sums, self.sums[index], rtol=1e-9, atol=1e-9)
         if not bool(same.all()):
             i = int(index[~same][0])
-            raise ConfigError(f"teacher.cache: the inputs of training sample {i} differ from those its teacher "
-                              "outputs were cached for (the data pipeline is random); set teacher.cache = false, "
+            raise ConfigError(f"{self.section}.cache: the inputs of training sample {i} differ from those its "
+                              f"teacher outputs were cached for (the data pipeline is random); set "
+                              f"{self.section}.cache = false, "
                               "or make the augmentation declare itself (random_views, docs/signals.md)")
 
     @property
@@ -195,6 +210,10 @@ class CachedTeacher:
                 return Outputs(hidden=value, head=self.head, index=batch.index)
             return Outputs(value, index=batch.index)
         out = self.model(batch, inputs, taps)
+        if out.known is not None:
+            raise ConfigError("teacher.cache: the teacher's outputs hold only some positions (a teacher with "
+                              "another tokenizer, backbone cross_tokenizer), which the cache does not keep; "
+                              "set teacher.cache = false")
         keep_hidden = out.projectable and not out.has_logits
         value = out.hidden if keep_hidden else out.logits
         if self.rows is None:
@@ -207,16 +226,68 @@ class CachedTeacher:
 
 
 class StoreTeacher:
-    """The top-k teacher of a store, as :class:`kdcore.signals.buckets.TopKOutputs` on the device."""
+    """The teacher of a store (its top k, or draws from it), as
+    :class:`kdcore.signals.buckets.TopKOutputs` on the device. A store holds no teacher at
+    positions whose target is -100 (the losses ignore them; they read as a placeholder), and
+    a batch with a target at a position the store has no record of is refused: the store was
+    captured from other targets."""
 
-    def __init__(self, reader: store.StoreReader, device: torch.device):
-        self.reader, self.device = reader, device
+    def __init__(self, reader: store.StoreReader, device: torch.device, where: str = "teacher.store"):
+        self.reader, self.device, self.where = reader, device, where  # where: the store's key path
+
+    def _check_kept(self, batch: Batch) -> None:
+        index = batch.index.cpu()
+        missing = (batch.target.cpu() != IGNORE_INDEX) & ~self.reader.kept(index)
+        if bool(missing.any()):
+            row, pos = (int(v) for v in missing.reshape(len(index), -1).nonzero()[0])
+            raise RunFailure(f"{self.where}: {self.reader.root} holds no teacher at position {pos} of training "
+                             f"sample {int(index[row])}, whose target is not -100 (it was captured from other "
+                             "targets); capture the store again from this data")
 
     def __call__(self, batch: Batch, inputs, taps: Sequence[str]) -> TopKOutputs:
+        if self.reader.manifest.get(store.DROPS):
+            self._check_kept(batch)
         ids, logp, rest = self.reader.read(batch.index.cpu())
         nb = self.device.type == "cuda"
         return TopKOutputs(ids.to(self.device, non_blocking=nb), logp.to(self.device, non_blocking=nb),
-                           None if rest is None else rest.to(self.device, non_blocking=nb), index=batch.index)
+                           None if rest is None else rest.to(self.device, non_blocking=nb), index=batch.index,
+                           sampled=self.reader.layout.sampled)
+
+
+def _infinite_on_draws(term) -> bool:
+    """Whether ``term``'s loss is infinite (or NaN) against a sampled teacher, whose mass off the
+    drawn ids is 0 (a reverse KL is): probed on two positions of four classes. A loss that cannot
+    be probed so (it takes :class:`kdcore.Outputs`, or raises) counts as finite."""
+    if term.uses_outputs:
+        return False
+    draws = torch.tensor([[0, 0, 1], [2, 2, 2]])
+    teacher = TopKOutputs(draws, draw_weights(draws), torch.full((2,), float("-inf")), sampled=True)
+    student = Outputs(torch.tensor([[0.5, -1.0, 0.0, 2.0], [0.0, 1.0, -0.5, 0.3]]))
+    try:
+        with torch.no_grad():
+            value = bucket_loss(term.loss, student, teacher, torch.tensor([1, 2]))
+    except Exception:  # noqa: BLE001 (the run itself reports what a loss raises)
+        return False
+    return isinstance(value, Tensor) and not bool(torch.isfinite(value).all())
+
+
+def check_sampled_terms(reader: store.StoreReader, terms: Sequence, where: str) -> None:
+    """Refuse a term whose loss is infinite on a sampled store (:func:`_infinite_on_draws`), and
+    warn (one line) about terms whose gradient it does not estimate without bias: only ``kd``
+    with the KL divergence at temperature 1 and no transforms is unbiased on draws
+    (docs/signals.md); other ``terms`` train on an approximation. ``where``: the store's key path."""
+    if not reader.layout.sampled:
+        return
+    for term in terms:
+        if _infinite_on_draws(term):
+            raise ConfigError(f"{term.path}: its loss is infinite against {where} {reader.root}, which holds draws "
+                              "from the teacher (no mass off the drawn ids, e.g. for a reverse KL); use a top-k "
+                              "store (kdcore capture --top-k) or the running teacher")
+    biased = [t.path for t in terms if getattr(t.loss, "lean_kd_temperature", lambda: None)() != 1.0]
+    if biased:
+        warnings.warn(f"{where}: {reader.root} holds draws from the teacher (kdcore capture --sample), whose "
+                      f"gradient is unbiased only for kd at temperature 1; {', '.join(biased)} trains on an "
+                      "approximation (docs/signals.md)", stacklevel=2)
 
 
 def run_with(source, forward: nn.Module) -> None:
@@ -226,15 +297,19 @@ def run_with(source, forward: nn.Module) -> None:
         model.forward = forward
 
 
-def open_store(config: Config, data: DataSplits, where: str = "teacher.store") -> store.StoreReader:
-    """The store ``[teacher] store`` names, checked against this run's data and teacher
-    (their fingerprints first, then the store's manifest)."""
-    tc = config.teacher
+def open_store(config: Config, data: DataSplits, where: str | None = None,
+               name: str | None = None) -> store.StoreReader:
+    """The store ``[teacher] store`` (or teacher ``name``'s) names, checked against this
+    run's data and teacher (their fingerprints first, then the store's manifest)."""
+    tables = config.teacher_tables()
+    name = next(iter(tables)) if name is None else name
+    tc, section = tables[name], config.teacher_path(name)
+    where = f"{section}.store" if where is None else where
     identity = None
     if tc.backbone is not None:
         ckpt = None if tc.checkpoint is None else resolve_path(tc.checkpoint, config.source)
         if ckpt is not None and not ckpt.exists():
-            raise ConfigError(f"teacher.checkpoint: file not found: {ckpt}")
+            raise ConfigError(f"{section}.checkpoint: file not found: {ckpt}")
         identity = fingerprint.teacher_identity(tc.backbone, tc.params, ckpt)
     data_print = fingerprint.split_fingerprint(data.train)
     root = resolve_path(tc.signals.store, config.source)
@@ -245,16 +320,35 @@ def open_store(config: Config, data: DataSplits, where: str = "teacher.store") -
 
 
 def build(config: Config, data: DataSplits, objective: Objective, teacher: nn.Module | None,
-          forward: nn.Module | None, device: torch.device, out: Path | None):
-    """The run's teacher source (None without a ``[teacher]``)."""
-    tc = config.teacher
-    if tc is None:
+          forward: nn.Module | None, device: torch.device, out: Path | None, name: str | None = None):
+    """The run's teacher source (None without a teacher), or teacher ``name``'s (each
+    teacher of ``[teachers.NAME]`` has its own ``source``, ``store`` and ``cache``)."""
+    tables = config.teacher_tables()
+    if not tables:
         return None
+    name = next(iter(tables)) if name is None else name
+    tc, section = tables[name], config.teacher_path(name)
     if tc.signals.source == "store":
-        check_keyed_by_index(config, data, objective, "teacher.source")
-        return StoreTeacher(open_store(config, data), device)
+        check_keyed_by_index(config, data, objective, f"{section}.source", name)
+        for term in objective.terms:
+            if _uses(term, name, config):
+                check_transforms(term.loss, term.path)
+        reader = open_store(config, data, name=name)
+        check_sampled_terms(reader, [t for t in objective.terms if _uses(t, name, config)], f"{section}.store")
+        return StoreTeacher(reader, device, f"{section}.store")
     model = ModelTeacher(teacher, forward)
     if not tc.signals.cache:
         return model
-    check_keyed_by_index(config, data, objective, "teacher.cache")
-    return CachedTeacher(model, len(data.train), tc.signals.cache_budget_mb, device, out)
+    check_keyed_by_index(config, data, objective, f"{section}.cache", name)
+    return CachedTeacher(model, len(data.train), tc.signals.cache_budget_mb, device, out, section)
+
+
+def build_all(config: Config, data: DataSplits, objective: Objective, teachers: Mapping[str, nn.Module | None],
+              device: torch.device, out: Path | None):
+    """The run's teacher sources: as :func:`build` for the one-teacher form ``[teacher]``,
+    a mapping by name for ``[teachers.NAME]`` (what :class:`kdcore.engine.forward.Forward` takes)."""
+    if config.teachers is None:
+        teacher = next(iter(teachers.values()), None)
+        return build(config, data, objective, teacher, teacher, device, out)
+    return {name: build(config, data, objective, model, model, device, out, name)
+            for name, model in teachers.items()}
