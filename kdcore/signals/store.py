@@ -1,4 +1,5 @@
-"""The on-disk teacher store: top-k teacher log-probabilities per position (docs/signals.md).
+"""The on-disk teacher store: top-k teacher log-probabilities, or draws from the teacher, per
+position (docs/signals.md).
 
 A store is a directory::
 
@@ -9,7 +10,11 @@ A store is a directory::
 Every position (one per sample for classification, ``T`` per sample at token
 level) has one fixed-size record of ``layout.record_bytes`` bytes, so the
 records of sample ``i`` are rows ``(i % shard_samples) * positions ...`` of
-shard ``i // shard_samples``. A record holds, in this order:
+shard ``i // shard_samples``. Where the manifest says ``drops_ignored`` (stores of
+token-level data since format version 2), positions whose target is -100 have no
+record: a shard then starts with one bitmap per sample, ``ceil(positions / 8)`` bytes,
+bit ``t`` set where position ``t`` has a record, and the records of the set bits follow
+in sample and position order. A top-k record holds, in this order:
 
 - the k kept class ids, sorted ascending, as a bitmap of ``num_classes`` bits
   or Elias-Fano coded (``k * low_bits`` low bits, then the high parts in unary
@@ -19,6 +24,9 @@ shard ``i // shard_samples``. A record holds, in this order:
 - for ``uint8``: ``top`` (float32) and ``scale`` (float16);
 - where ``k < num_classes``: ``log_rest`` (float32), the log of the teacher's
   probability mass outside the k ids.
+
+A sampled record (``kind = "sample"``) holds only the K draws, sorted, repeats
+included, Elias-Fano coded (:mod:`kdcore.signals.records`).
 
 Bits are packed little-endian within bytes; numbers are little-endian. Files
 are written atomically (a temporary file, then a rename), so a shard exists
@@ -50,10 +58,15 @@ from torch import Tensor
 
 from kdcore.common.errors import ConfigError, RunFailure
 from kdcore.common.files import atomic_write
-from kdcore.signals.records import DamagedRecord, Layout, check_values, decode
+from kdcore.signals.records import DamagedRecord, Layout, check_values, decode, placeholder
 
 FORMAT = "kdcore-teacher-store"
-VERSION = 1
+#: the format version this kdcore writes; 2 added sampled records and ``drops_ignored``
+VERSION = 2
+#: the format versions this kdcore reads
+READS = (1, 2)
+#: the manifest's key saying positions whose target is -100 have no record (absent: every position has one)
+DROPS = "drops_ignored"
 MANIFEST = "manifest.json"
 #: the manifest's key for the SHA-256 (hex) of each shard file, by file name
 DIGESTS = "shard_sha256"
@@ -75,6 +88,20 @@ def shard_name(j: int) -> str:
 # -- files ----------------------------------------------------------------------------------------
 def write_shard(root: Path, j: int, records: np.ndarray) -> None:
     atomic_write(root / shard_name(j), records.tobytes())
+
+
+def mask_row_bytes(manifest: Mapping[str, Any]) -> int:
+    """Bytes of one sample's bitmap of stored positions (0 where every position is stored)."""
+    return -(-int(manifest["positions"]) // 8) if manifest.get(DROPS) else 0
+
+
+def shard_contents(kept: np.ndarray, records: np.ndarray, drops: bool) -> np.ndarray:
+    """A shard file's bytes ``uint8 [size]``: with ``drops``, the bitmaps of ``kept`` ``bool
+    [samples, positions]`` then ``records`` (those of the kept positions); else the records alone."""
+    if not drops:
+        return records.reshape(-1)
+    bitmaps = np.packbits(kept.astype(np.uint8), axis=1, bitorder="little")
+    return np.concatenate([bitmaps.reshape(-1), records.reshape(-1)])
 
 
 def records_sha256(records: np.ndarray) -> str:
@@ -124,6 +151,8 @@ def _check_manifest(root: Path, manifest: dict[str, Any], where: str) -> None:
             problem = "its layout's record_bytes disagrees with the layout"
         elif not isinstance(manifest.get(DIGESTS, {}), dict):
             problem = f"its {DIGESTS!r} is not a table"
+        elif not isinstance(manifest.get(DROPS, False), bool):
+            problem = f"its {DROPS!r} is not true or false"
     except KeyError as exc:
         problem = f"it lacks {exc.args[0]!r}"
     except (TypeError, ValueError, AttributeError):
@@ -148,9 +177,9 @@ def read_manifest(root: Path, where: str) -> dict[str, Any] | None:
                           f"it again: {capture_command(root, {})}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{where}: {root} is not a kdcore teacher store (its manifest.json is not one)")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READS:
         raise ConfigError(f"{where}: {root} is a store of format version {manifest.get('version')!r}; "
-                          f"this kdcore reads version {VERSION}")
+                          f"this kdcore reads versions {', '.join(map(str, READS))}")
     _check_manifest(root, manifest, where)
     return manifest
 
@@ -169,12 +198,33 @@ def size_problem(root: Path, j: int, manifest: Mapping[str, Any]) -> str | None:
     """What is wrong with shard ``j``'s file short of reading it: None when it exists with the
     size the manifest implies, else "is missing" or its wrong size."""
     path = root / shard_name(j)
-    want = len(shard_samples_of(j, manifest)) * int(manifest["positions"]) * int(manifest["layout"]["record_bytes"])
+    samples, record = len(shard_samples_of(j, manifest)), int(manifest["layout"]["record_bytes"])
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return "is missing"
-    return None if size == want else f"has {size} bytes, not {want}"
+    masks = samples * mask_row_bytes(manifest)
+    if not masks:
+        want = samples * int(manifest["positions"]) * record
+        return None if size == want else f"has {size} bytes, not {want}"
+    if size < masks or not path.is_file():
+        return f"has {size} bytes, fewer than its {masks} bytes of stored-position bitmaps"
+    want = masks + stored_rows(path, samples, manifest).sum() * record
+    return None if size == want else f"has {size} bytes, not the {want} its bitmaps of stored positions imply"
+
+
+def stored_rows(path: Path, samples: int, manifest: Mapping[str, Any]) -> np.ndarray:
+    """The number of stored positions of each of the ``samples`` samples of a shard file whose
+    bitmaps (:data:`DROPS`) are at ``path``: ``int64 [samples]``."""
+    width = mask_row_bytes(manifest)
+    with open(path, "rb") as f:
+        bitmaps = np.frombuffer(f.read(samples * width), dtype=np.uint8).reshape(samples, width)
+    return _unpack(bitmaps, int(manifest["positions"])).sum(1, dtype=np.int64)
+
+
+def _unpack(bitmaps: np.ndarray, positions: int) -> np.ndarray:
+    """``bool [samples, positions]`` from bitmaps ``uint8 [samples, ceil(positions / 8)]``."""
+    return np.unpackbits(bitmaps, axis=1, count=positions, bitorder="little").astype(bool)
 
 
 def shard_done(root: Path, j: int, manifest: Mapping[str, Any]) -> bool:
@@ -193,7 +243,9 @@ class StoreReader:
 
     The first read of a shard checks its file against the manifest's SHA-256 (where the
     manifest has one), and every record read goes through :func:`check_values`; damage
-    is a :class:`DamagedStore` naming the shard, the sample and the command to rewrite it."""
+    is a :class:`DamagedStore` naming the shard, the sample and the command to rewrite it.
+    Positions the store holds no record of (their target is -100, :data:`DROPS`) read as
+    :func:`~kdcore.signals.records.placeholder`."""
 
     def __init__(self, root: Path, manifest: Mapping[str, Any]):
         self.root, self.manifest = root, manifest
@@ -202,7 +254,7 @@ class StoreReader:
         self.positions = int(manifest["positions"])
         self.target_shape = tuple(int(s) for s in manifest["target_shape"])
         self.digests: Mapping[str, str] = manifest.get(DIGESTS) or {}
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def open(cls, root: str | Path, where: str = "teacher.store") -> "StoreReader":
@@ -229,8 +281,10 @@ class StoreReader:
         return DamagedStore(f"{describe_shard(self.root, j, self.manifest)} {problem}; run the same capture "
                             f"again to rewrite it: {capture_command(self.root, self.manifest)}")
 
-    def _shard(self, j: int) -> np.ndarray:
-        """Shard ``j`` memory-mapped, its size and digest checked the first time."""
+    def _shard(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shard ``j``: which positions it stores ``bool [samples, positions]``, the first record
+        row of each sample ``int64 [samples + 1]`` and its records memory-mapped; its size and
+        digest checked the first time."""
         if j not in self._maps:
             path = self.root / shard_name(j)
             problem = size_problem(self.root, j, self.manifest)
@@ -238,34 +292,70 @@ class StoreReader:
                 problem = "is damaged (its SHA-256 differs from the one in manifest.json)"
             if problem is not None:
                 raise self._damaged(j, problem)
-            rows = len(shard_samples_of(j, self.manifest)) * self.positions
-            self._maps[j] = np.memmap(path, dtype=np.uint8, mode="r", shape=(rows, self.layout.record_bytes))
+            samples = len(shard_samples_of(j, self.manifest))
+            skip = samples * mask_row_bytes(self.manifest)
+            if skip:
+                kept = _unpack(np.fromfile(path, dtype=np.uint8, count=skip).reshape(samples, -1), self.positions)
+            else:
+                kept = np.ones((samples, self.positions), dtype=bool)
+            starts = np.concatenate([[0], np.cumsum(kept.sum(1, dtype=np.int64))])
+            rows = int(starts[-1])
+            records = (np.memmap(path, dtype=np.uint8, mode="r", offset=skip, shape=(rows, self.layout.record_bytes))
+                       if rows else np.empty((0, self.layout.record_bytes), dtype=np.uint8))
+            self._maps[j] = (kept, starts, records)
         return self._maps[j]
 
-    def records(self, index: Tensor) -> np.ndarray:
-        """The records of samples ``index`` ``[n]``: ``uint8 [n * positions, record_bytes]``."""
-        idx = index.cpu().numpy().astype(np.int64)
+    def _check_range(self, idx: np.ndarray) -> None:
         if idx.size and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"sample index out of the store's range 0..{self.n - 1}")
-        out = np.empty((idx.size, self.positions, self.layout.record_bytes), dtype=np.uint8)
+
+    def kept(self, index: Tensor) -> Tensor:
+        """Which positions of samples ``index`` ``[n]`` the store holds a record of: ``bool
+        [n, *target_shape]`` (all but those whose target is -100 where :data:`DROPS`)."""
+        idx = index.cpu().numpy().astype(np.int64)
+        self._check_range(idx)
+        out = np.empty((idx.size, self.positions), dtype=bool)
+        for j in np.unique(idx // self.shard_samples):
+            sel = np.nonzero(idx // self.shard_samples == j)[0]
+            out[sel] = self._shard(int(j))[0][idx[sel] - j * self.shard_samples]
+        return torch.from_numpy(out).view(idx.size, *self.target_shape)
+
+    def records(self, index: Tensor) -> np.ndarray:
+        """The records of samples ``index`` ``[n]``, in sample and position order: ``uint8
+        [stored positions, record_bytes]`` (``n * positions`` rows where every position is stored)."""
+        idx = index.cpu().numpy().astype(np.int64)
+        self._check_range(idx)
+        parts, order = [], []
         shards = idx // self.shard_samples
         for j in np.unique(shards):
             sel = np.nonzero(shards == j)[0]
-            rows = (idx[sel] - j * self.shard_samples)[:, None] * self.positions + np.arange(self.positions)
-            out[sel] = self._shard(int(j))[rows.reshape(-1)].reshape(sel.size, self.positions, -1)
-        return out.reshape(-1, self.layout.record_bytes)
+            _, starts, records = self._shard(int(j))
+            local = idx[sel] - j * self.shard_samples
+            counts = starts[local + 1] - starts[local]
+            first = np.repeat(starts[local] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+            parts.append(records[first + np.arange(counts.sum())])
+            order.append(np.repeat(sel, counts))
+        if not parts:
+            return np.empty((0, self.layout.record_bytes), dtype=np.uint8)
+        rows, owner = np.concatenate(parts), np.concatenate(order)
+        return rows[np.argsort(owner, kind="stable")]
 
     def read(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(ids [n, *target_shape, k], logp [.., k], log_rest [n, *target_shape] or None)``,
-        every record checked (:func:`~kdcore.signals.records.check_values`)."""
+        every record checked (:func:`~kdcore.signals.records.check_values`); positions without a
+        record (:meth:`kept`) hold :func:`~kdcore.signals.records.placeholder`."""
+        kept = self.kept(index).reshape(-1)
         try:
             ids, logp, rest = decode(self.layout, self.records(index))
             check_values(self.layout, ids, logp, rest)
         except DamagedRecord as exc:
-            sample = int(index[exc.row // self.positions])
-            at = f"sample {sample}" + (f", position {exc.row % self.positions}" if self.positions > 1 else "")
+            flat = int(kept.nonzero()[exc.row, 0])
+            sample = int(index[flat // self.positions])
+            at = f"sample {sample}" + (f", position {flat % self.positions}" if self.positions > 1 else "")
             raise self._damaged(sample // self.shard_samples, f"holds a damaged record at {at} ({exc.reason})") \
                 from None
+        if not bool(kept.all()):
+            ids, logp, rest = _with_placeholders(self.layout, kept, ids, logp, rest)
         shape = (index.shape[0], *self.target_shape)
         return (ids.view(*shape, -1), logp.view(*shape, -1), None if rest is None else rest.view(shape))
 
@@ -279,6 +369,17 @@ class StoreReader:
     @property
     def bytes_per_position(self) -> int:
         return self.layout.record_bytes
+
+
+def _with_placeholders(layout: Layout, kept: Tensor, ids: Tensor, logp: Tensor,
+                       rest: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The decoded records of the ``kept`` positions ``bool [m]`` spread over all ``m``, the
+    others holding :func:`~kdcore.signals.records.placeholder`."""
+    full_ids, full_logp, full_rest = placeholder(layout, kept.shape[0])
+    full_ids[kept], full_logp[kept] = ids, logp
+    if full_rest is not None:
+        full_rest[kept] = rest
+    return full_ids, full_logp, full_rest
 
 
 def total_bytes(root: Path, manifest: Mapping[str, Any]) -> int:
