@@ -46,10 +46,7 @@ def _cmd_train(args) -> int:
 
     if not torchrun_env().is_main:  # under torchrun the job has one summary, rank 0's
         return 0
-    best = summary.get("best_val_acc")
-    print(summary_line(summary)
-          + (f"; best val_acc {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")
-          + f"; run directory {out}")
+    print(summary_line(summary) + f"; run directory {out}")
     return 0
 
 
@@ -59,8 +56,9 @@ def _cmd_capture(args) -> int:
     from kdcore.engine.capture import capture
 
     again = "run the same kdcore capture command again to continue"
+    overrides = _capture_overrides(args)
     try:
-        m = capture(args.config, args.out, args.set, top_k=args.top_k, values=args.values,
+        m = capture(args.config, args.out, overrides, top_k=args.top_k, sample=args.sample, values=args.values,
                     batch_size=args.batch_size, shard_samples=args.shard_samples, quiet=args.quiet)
     except Terminated:
         _tell(f"kdcore: terminated by SIGTERM ({again})")
@@ -69,9 +67,27 @@ def _cmd_capture(args) -> int:
         _tell(f"kdcore: interrupted ({again})")
         return 130
     if not args.quiet and m.get("complete"):
-        print(f"store {args.out}: {m['n']} samples x {m['positions']} position(s), k = {m['k']} of "
-              f"{m['num_classes']}, {m['layout']['record_bytes']} bytes per position")
+        kept = (f"K = {m['k']} draws from the teacher over {m['num_classes']} classes" if m.get("kind") == "sample"
+                else f"k = {m['k']} of {m['num_classes']}")
+        stored = m.get("stored_positions", m["n"] * m["positions"])
+        dropped = f"; {stored} positions stored (those whose target is not -100)" if m.get("drops_ignored") else ""
+        print(f"store {args.out}: {m['n']} samples x {m['positions']} position(s), {kept}, "
+              f"{m['layout']['record_bytes']} bytes per position{dropped}")
     return 0
+
+
+def _capture_overrides(args) -> list[str]:
+    """``--set`` plus ``teacher=NAME`` (keep only that teacher) for ``--teacher NAME``, or for
+    the only ``[teachers.NAME]`` table; a config with several teachers needs ``--teacher``."""
+    if args.teacher is not None:
+        return [*args.set, f"teacher={args.teacher}"]
+    from kdcore import config as cfg
+
+    teachers = cfg.load(args.config, args.set).teachers or {}
+    if len(teachers) > 1:
+        raise ConfigError(f"--teacher: {args.config} has {len(teachers)} teachers ({', '.join(teachers)}); "
+                          "name the one to capture with --teacher NAME")
+    return [*args.set, *(f"teacher={name}" for name in teachers)]
 
 
 def _cmd_demo(args) -> int:
@@ -135,7 +151,7 @@ def _cmd_list(args) -> int:
 def _cmd_new_plugin(args) -> int:
     from kdcore.cli.scaffold import new_plugin
 
-    path = new_plugin(args.name, args.kind, args.out)
+    path = new_plugin(args.name, args.kind or ["loss"], args.out)
     where = str(path) if path.is_absolute() else f"./{path}"
     print(f"wrote {where}\n"
           f"next: pip install -e \"{where}[test]\" && pytest {where}   (its tests need it installed)")
@@ -159,15 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_cmd_train)
 
-    p = sub.add_parser("capture", help="run a config's teacher over the training split once and store its top-k")
+    p = sub.add_parser("capture", help="run a config's teacher over the training split once and store its top-k "
+                       "or draws from it")
     p.add_argument("config", help="the training config (its [data] and [teacher])")
     p.add_argument("--out", required=True, help="the store's directory (an interrupted capture continues there)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="ids kept per position (default: 128, at most the number of classes)")
+    kept = p.add_mutually_exclusive_group()
+    kept.add_argument("--top-k", type=int, default=None, metavar="K",
+                      help="ids kept per position (default: 128, at most the number of classes)")
+    kept.add_argument("--sample", type=int, default=None, metavar="K",
+                      help="instead of the top k: K ids drawn from the teacher per position, weighted by their "
+                           "counts (unbiased for kd at temperature 1)")
     p.add_argument("--values", choices=("auto", "float32", "float16", "uint8"), default="auto",
                    help="coding of the kept log-probabilities (auto: float32 when K is every class, else uint8)")
     p.add_argument("--batch-size", type=int, default=None, help="teacher batch size (default: run.eval_batch_size)")
     p.add_argument("--shard-samples", type=int, default=None, help="samples per shard file (default: ~64 MiB)")
+    p.add_argument("--teacher", default=None, metavar="NAME",
+                   help="the teacher to capture, of a config with [teachers.NAME] tables")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_capture)
@@ -190,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_list)
 
-    p = sub.add_parser("new-plugin", help="write a ready plugin package kdcore-NAME (one sample component, tests)")
+    p = sub.add_parser("new-plugin", help="write a ready plugin package kdcore-NAME (sample components, tests)")
     p.add_argument("name", metavar="NAME", help="the plugin's name, e.g. my-loss (package kdcore_my_loss)")
-    p.add_argument("--kind", default="loss", choices=("loss", "divergence", "transform", "scheduler", "backbone",
-                                                      "dataset"), help="the sample component's kind (default: loss)")
+    p.add_argument("--kind", action="append", choices=("loss", "divergence", "transform", "scheduler", "backbone",
+                                                       "dataset"),
+                   help="a sample component's kind; repeat it for several in one package (default: loss)")
     p.add_argument("--out", default=".", help="the directory that receives kdcore-NAME/ (default: .)")
     p.set_defaults(handler=_cmd_new_plugin)
     return parser, sub

@@ -6,7 +6,8 @@ The engine's modules, each one concern (docs/architecture.md): ``runtime`` (the
 process: ranks, device, numerics), ``models`` (data and models), ``objective``
 (the loss terms and their weighting), ``teacher_source`` (model, cache or store),
 ``batches``, ``taps``, ``forward``, ``step`` (one optimizer step), ``gradients``,
-``optim``, ``evaluate``, ``loop`` (epochs, logging, the summary), ``checkpoints``,
+``optim``, ``evaluate``, ``teacher_eval`` (the teachers' evaluation, kept across runs),
+``loop`` (epochs, logging, the summary), ``checkpoints``,
 ``checkpoint_file`` (reading a checkpoint file safely), ``rundir`` (the run's directory
 and lock), ``logs`` (``metrics.jsonl``, ``steps.jsonl``, TensorBoard), ``distributed``,
 ``capture`` (``kdcore capture``), ``meter``, ``memory`` and ``allocator``.

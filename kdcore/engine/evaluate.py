@@ -1,12 +1,15 @@
 """Evaluation: accuracy, NLL (and perplexity on sequences), distances to the true
-distribution where the data know it, and top-1 agreement with the teacher."""
+distribution where the data know it, and top-1 agreement with the teacher (run
+alongside, or given as its top-1 predictions: :func:`evaluate_top1` returns a
+model's, in the order of this rank's evaluation batches)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdcore.engine.batches import eval_batches
 from kdcore.engine.forward import forward
@@ -14,28 +17,58 @@ from kdcore.engine.runtime import Runtime
 from kdcore.losses.functional import IGNORE_INDEX
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, *, batch_size: int, num_workers: int = 0,
-             teacher: nn.Module | None = None) -> dict[str, float]:
+             teacher: nn.Module | None = None, references: Mapping[str, Tensor] | None = None) -> dict[str, float]:
     """Accuracy and mean negative log-likelihood of ``model`` over the kept positions of
     ``split`` (token-level for sequences, with the perplexity ``exp(nll)``), the distances
     to the Bayes posterior where the data know it, and, given a ``teacher``, the top-1
-    agreement with it; keys ``{prefix}_acc``, ``{prefix}_nll``, ... (summed over ranks)."""
+    agreement with it; keys ``{prefix}_acc``, ``{prefix}_nll``, ... (summed over ranks).
+    ``references`` maps a result key to another model's :func:`evaluate_top1` predictions
+    on the same split and batch size: the key gets the top-1 agreement with them."""
+    return _evaluate(model, split, prefix, runtime, batch_size, num_workers, teacher, references or {}, False,
+                     None)[0]
+
+
+def evaluate_top1(model: nn.Module, split, prefix: str, runtime: Runtime, *, batch_size: int,
+                  num_workers: int = 0, classes: int | None = None) -> tuple[dict[str, float], Tensor | None]:
+    """:func:`evaluate` of ``model`` and its top-1 prediction at every position this rank
+    evaluates (flat, int32, on the CPU): what an agreement with ``model`` is computed from
+    later without running it again (the teacher-evaluation cache). ``({}, None)`` where
+    ``classes`` is given and the model's logits have another width (a teacher over its
+    own vocabulary, whose predictions the data's labels cannot score)."""
+    return _evaluate(model, split, prefix, runtime, batch_size, num_workers, None, {}, True, classes)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, batch_size: int, num_workers: int,
+              teacher: nn.Module | None, references: Mapping[str, Tensor],
+              collect: bool, classes: int | None) -> tuple[dict[str, float], Tensor | None]:
+    """The pass of :func:`evaluate` and :func:`evaluate_top1`. Positions a model's
+    :class:`kdcore.Outputs` mark as unknown (``known`` False) are not scored."""
     if split is None:
-        return {}
+        return {}, None
     was_training = model.training
     model.eval()
     device = runtime.device
     sums = torch.zeros(7, dtype=torch.float64, device=device)  # correct, n, tv, l2, kl, nll, agree
     has_post = getattr(split, "posterior", None) is not None
     sequences = False
+    agree = torch.zeros(len(references), dtype=torch.float64, device=device)
+    tops: list[Tensor] = []
+    done = 0  # positions evaluated so far (where this batch's reference predictions start)
     for batch, post in eval_batches(split, batch_size, device, runtime.dist.rank, runtime.dist.world, num_workers):
         with runtime.autocast():
             inputs = runtime.inputs(batch.inputs)
-            logits = forward(model, inputs, model, (), batch.index).logits
+            outputs = forward(model, inputs, model, (), batch.index)
+            logits = outputs.logits
             if teacher is not None:
                 taught = forward(teacher, inputs, teacher, (), batch.index).logits
+        if classes is not None and logits.shape[-1] != classes:  # another vocabulary: not comparable
+            model.train(was_training)
+            return {}, None
         keep = batch.target != IGNORE_INDEX
+        if outputs.known is not None:  # a model that knows only some positions is scored on those
+            keep &= outputs.known.to(keep.device)
         sequences = batch.target.dim() > 1
         top = logits.argmax(-1)
         sums[0] += ((top == batch.target) & keep).sum()
@@ -45,6 +78,12 @@ def evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, *, batch_si
         sums[5] -= torch.where(keep, picked, 0.0).sum()
         if teacher is not None:
             sums[6] += ((taught.argmax(-1) == top) & keep).sum()
+        for j, ref in enumerate(references.values()):
+            theirs = ref[done:done + top.numel()].to(device).view(top.shape)
+            agree[j] += ((theirs == top) & keep).sum()
+        done += top.numel()
+        if collect:
+            tops.append(top.reshape(-1).to(torch.int32).cpu())
         if post is not None:  # distances to the true distribution over the kept positions
             diff = logq.exp() - post
             kl = torch.where(post > 0, post * (post.clamp(min=1e-30).log() - logq), 0.0).sum(-1)
@@ -53,14 +92,19 @@ def evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, *, batch_si
             sums[4] += torch.where(keep, kl, 0.0).sum()
     model.train(was_training)
     runtime.dist.sum_(sums)
+    if references:
+        runtime.dist.sum_(agree)
     n = max(sums[1].item(), 1)
     out = {f"{prefix}_acc": sums[0].item() / n, f"{prefix}_nll": sums[5].item() / n}
     if sequences:
         out[f"{prefix}_ppl"] = math.exp(min(out[f"{prefix}_nll"], 700.0))
     if teacher is not None:
         out[f"{prefix}_agreement"] = sums[6].item() / n
+    out.update({key: agree[j].item() / n for j, key in enumerate(references)})
     if has_post:
         out[f"{prefix}_tv"] = sums[2].item() / n
         out[f"{prefix}_l2"] = sums[3].item() / n
         out[f"{prefix}_kl"] = sums[4].item() / n  # KL(truth || model)
-    return out
+    if not collect:
+        return out, None
+    return out, torch.cat(tops) if tops else torch.zeros(0, dtype=torch.int32)

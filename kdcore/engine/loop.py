@@ -14,11 +14,13 @@ import sys
 import time
 from typing import Any
 
+import attrs
 import torch
 
 from kdcore import config as cfg
 from kdcore.common.errors import ConfigError
 from kdcore.common.files import atomic_torch_save, atomic_write
+from kdcore.engine import teacher_eval
 from kdcore.engine.batches import Batches, batch_index_lists, epoch_generator
 from kdcore.engine.checkpoints import check_resume, load_checkpoint
 from kdcore.engine.logs import JsonLines, Scalars, dumps_record
@@ -154,6 +156,14 @@ def _global_losses(trainer, losses: dict[str, torch.Tensor]) -> dict[str, float]
     return {k: reduced[k] for k in losses}
 
 
+def _trained_weights(trainer) -> dict[str, float]:
+    """``weight/<term>`` of the optimizer step taken last: the weights that step trained
+    with. (The next step's progress, ``trainer.progress()``, is past the run's last step
+    at its end, ``fraction == 1``, outside the range schedules are documented for.)"""
+    progress = attrs.evolve(trainer.progress(), step=max(trainer.step - 1, 0))
+    return {f"weight/{k}": w for k, w in trainer.objective.weights(progress).items()}
+
+
 def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, bool]:
     """One epoch (or its rest, after a mid-epoch resume); returns its evaluation record
     (None when not evaluated) and whether the epoch ran to its end (not stopped by
@@ -184,7 +194,7 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, 
             if main and (tb is not None or steps_log is not None):
                 rec = {"epoch": trainer.epoch, "step": trainer.step,
                        **{f"loss/{k}": float(v) for k, v in losses.items()},
-                       **{f"weight/{k}": w for k, w in trainer.objective.weights(trainer.progress()).items()}}
+                       **_trained_weights(trainer)}
                 if tb is not None:
                     tb.add({f"step/{k}": v for k, v in rec.items() if k not in ("epoch", "step")}, trainer.step)
                 if steps_log is not None:
@@ -205,16 +215,16 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, 
     if trainer.epoch % run.eval_every and not _done(trainer):
         return None, complete
     record: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.step, **means,
-                              **{f"weight/{k}": w for k, w in trainer.objective.weights(trainer.progress()).items()},
+                              **_trained_weights(trainer),
                               "lr": trainer.optimizer.param_groups[0]["lr"]}
     record.update(trainer.evaluate(trainer.data.val, "val"))
     record["epoch_time_s"] = round(time.perf_counter() - t0, 4)
-    val_acc = record.get("val_acc")
-    if val_acc is not None and (trainer.best_val_acc is None or val_acc > trainer.best_val_acc):
-        trainer.best_val_acc, trainer.best_epoch = val_acc, trainer.epoch
+    if trainer.best.improves(record, trainer.epoch):
+        trainer.best_val_acc = record.get("val_acc")
         if trainer.out is not None:
             best = {"model": trainer.student_state(), "losses": trainer.objective.modules.state_dict(),
-                    "epoch": trainer.epoch, "step": trainer.step, "val_acc": val_acc}
+                    "epoch": trainer.epoch, "step": trainer.step, "val_acc": trainer.best_val_acc,
+                    "metric": trainer.best.name, "value": trainer.best.value}
             if main:
                 atomic_torch_save(best, trainer.out / "checkpoints" / "best.pt")
     if main:
@@ -229,17 +239,15 @@ def _run_epoch(trainer, metrics, steps_log, tb) -> tuple[dict[str, Any] | None, 
 
 
 def _summary(trainer, last_record, elapsed) -> dict[str, Any]:
-    """Final and best metrics; the student and the teacher are evaluated on the test
+    """Final and best metrics; the student and the teacher(s) are evaluated on the test
     split, or on the validation split where there is no test split (``report_split``)."""
-    summary: dict[str, Any] = {"epochs": trainer.epoch, "steps": trainer.step,
-                               "best_val_acc": trainer.best_val_acc, "best_epoch": trainer.best_epoch}
+    summary: dict[str, Any] = {"epochs": trainer.epoch, "steps": trainer.step, "best_val_acc": trainer.best_val_acc,
+                               **trainer.best.state_dict()}
     data = trainer.data
     report, split = ("test", data.test) if data.test is not None else ("val", data.val)
     summary["report_split"] = report if split is not None else None
     if split is not None:
-        summary.update(trainer.evaluate(split, report, agreement=True))
-        if trainer.teacher is not None:
-            summary.update({f"teacher_{k}": v for k, v in trainer.evaluate(split, report, trainer.teacher).items()})
+        summary.update(_evaluations(trainer, split, report))
     if trainer.term_params:
         summary["loss_term_parameters"] = trainer.term_parameter_count
     if trainer.memory.enabled:
@@ -249,18 +257,44 @@ def _summary(trainer, last_record, elapsed) -> dict[str, Any]:
     return summary
 
 
+def _evaluations(trainer, split, report: str) -> dict[str, Any]:
+    """The student's metrics on ``split`` and each teacher's (kept across runs by
+    :mod:`kdcore.engine.teacher_eval`), with the student's top-1 agreement with each:
+    one teacher gives the keys ``{report}_agreement`` and ``teacher_{report}_acc``, ...;
+    several a table ``teachers`` with, by name, ``{report}_acc``, ... and
+    ``{report}_agreement`` (the student's agreement with that teacher)."""
+    teachers = teacher_eval.evaluate_teachers(trainer, split, report)
+    agreement = {name: f"{report}_agreement/{name}" for name in teachers}
+    if trainer.config.teachers is None:
+        agreement = {name: f"{report}_agreement" for name in teachers}
+    out = trainer.evaluate(split, report, references={agreement[n]: top1 for n, (_, top1) in teachers.items()})
+    if trainer.config.teachers is None:
+        return {**out, **{f"teacher_{k}": v for metrics, _ in teachers.values() for k, v in metrics.items()}}
+    out["teachers"] = {n: {**metrics, f"{report}_agreement": out.pop(agreement[n])}
+                       for n, (metrics, _) in teachers.items()}
+    return out
+
+
 def summary_line(summary: dict[str, Any]) -> str:
-    """The run's last line: the student's accuracy (and distance to the truth where
-    known) next to the teacher's, on the split the summary reports."""
+    """The run's last line, on the split the summary reports: for token-level data
+    (language models) the student's NLL and perplexity, otherwise its accuracy, with
+    the distance to the truth where the data know it (KL for token-level data, total
+    variation otherwise), next to the teacher's; then the best validation metric."""
     split = summary.get("report_split")
     if split is None:
         return "done: no test or validation split to evaluate on"
     parts = []
-    for who, prefix in (("student", ""), ("teacher", "teacher_")):
-        acc = summary.get(f"{prefix}{split}_acc")
-        if acc is None:
-            continue
-        tv = summary.get(f"{prefix}{split}_tv")
-        parts.append(f"{who} {split}_acc {acc:.4f}" + ("" if tv is None else f" (tv to the truth {tv:.4f})"))
+    named = [(f"teacher {n}", "", t) for n, t in (summary.get("teachers") or {}).items()]
+    for who, prefix, table in (("student", "", summary), ("teacher", "teacher_", summary), *named):
+        m = {k.removeprefix(f"{prefix}{split}_"): v for k, v in table.items() if k.startswith(f"{prefix}{split}_")}
+        if m.get("ppl") is not None:
+            parts.append(f"{who} {split}_nll {m['nll']:.4f} (ppl {m['ppl']:.2f}"
+                         + ("" if m.get("kl") is None else f", kl to the truth {m['kl']:.4f}") + ")")
+        elif m.get("acc") is not None:
+            parts.append(f"{who} {split}_acc {m['acc']:.4f}"
+                         + ("" if m.get("tv") is None else f" (tv to the truth {m['tv']:.4f})"))
     note = "" if split == "test" else " (no test split: validation split)"
-    return "done: " + ", ".join(parts) + note
+    line = "done: " + ", ".join(parts) + note
+    if summary.get("best_value") is not None:
+        line += f"; best {summary['best_metric']} {summary['best_value']:.4f} (epoch {summary['best_epoch']})"
+    return line

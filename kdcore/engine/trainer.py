@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from kdcore import config as cfg
+from kdcore.common.errors import ConfigError
 from kdcore.engine import checkpoints, distributed, optim, teacher_source
+from kdcore.engine.best import BestMetric, resolve as resolve_best_metric
 from kdcore.engine.batches import Batch, Batches
 from kdcore.engine.evaluate import evaluate
 from kdcore.engine.forward import Forward, materialise_lazy_terms
@@ -51,32 +53,40 @@ class Trainer:
         # the terms first: their checks are the cheapest
         self.objective = Objective.from_config(config, registry, self.dist.world)
         weighting, batch_policy = build_weighting(config, registry), build_batch_policy(config, registry)
+        if config.teachers is not None and batch_policy is not None:
+            raise ConfigError("batch_policy: works with one teacher ([teacher]); this config has "
+                              f"{len(config.teachers)} ([teachers.NAME])")
         self.data = build_data(config, registry)
         self.student = build_backbone(config.student, "student", self.data, registry, config.source)
         self.student.to(self.device)
-        #: the frozen teacher model (None without one, or with a store in its place)
-        self.teacher: nn.Module | None = None
-        if config.teacher is not None and config.teacher.signals.source == "model":
-            self.teacher = build_teacher(config, self.data, registry).to(self.device)
+        #: the frozen teacher models by name (None for a stored teacher); {} without a teacher
+        self.teachers: dict[str, nn.Module | None] = {
+            name: build_teacher(config, self.data, registry, name).to(self.device)
+            if tc.signals.source == "model" else None for name, tc in config.teacher_tables().items()}
+        #: the one teacher's model (None without one, with a store in its place, or with several teachers)
+        self.teacher: nn.Module | None = self.teachers.get(cfg.ONE_TEACHER) if config.teachers is None else None
         if run.channels_last:
-            for model in filter(None, (self.student, self.teacher)):
+            for model in filter(None, (self.student, *self.teachers.values())):
                 model.to(memory_format=torch.channels_last)
-        self.objective.bind(self.student, self.teacher)
+        self.objective.bind(self.student, self.teacher if config.teachers is None else self.teachers)
         self.objective.modules.to(self.device)
         self.batches = Batches(self.data.train, batch_size=run.batch_size, device=self.device,
                                rank=self.dist.rank, world=self.dist.world, num_workers=run.num_workers,
                                pin_memory=self.device.type == "cuda")
-        #: the teacher's outputs per batch (the model, a cache of it, or a store; None: no teacher)
-        self.teacher_source = teacher_source.build(config, self.data, self.objective, self.teacher, self.teacher,
-                                                   self.device, self.out)
+        #: the teacher's outputs per batch (the model, a cache of it, or a store; None: no teacher),
+        #: with several teachers a mapping by name of these
+        self.teacher_source = teacher_source.build_all(config, self.data, self.objective, self.teachers,
+                                                       self.device, self.out)
         self.sharded = run.strategy == "fsdp" and self.dist.enabled
         self.forward = Forward(self.runtime, self.student, self.objective, self.teacher_source, self.sharded)
         materialise_lazy_terms(self.forward, self.batches)
         self.model = distributed.wrap(self.student, self.device, self.dist, self.sharded)
         if run.compile:
             self.model = torch.compile(self.model)
-            if self.teacher is not None:
-                teacher_source.run_with(self.teacher_source, torch.compile(self.teacher))
+            sources = self.teacher_source if config.teachers is not None else {cfg.ONE_TEACHER: self.teacher_source}
+            for name, model in self.teachers.items():
+                if model is not None:
+                    teacher_source.run_with(sources[name], torch.compile(model))
         #: every optimised module, for the sharded optimizer state
         self.trained = nn.ModuleDict({"student": self.student, "losses": self.objective.modules})
         self.params = trainable(self.student.parameters())  # after wrapping: FSDP2 replaces them
@@ -91,8 +101,16 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of the current epoch done (a resume mid-epoch)
         self.meter: Meter | None = None
         self.aux_consumed = 0    # auxiliary batches drawn in the current epoch
-        self.best_val_acc: float | None = None
-        self.best_epoch: int | None = None
+        #: the metric best.pt keeps (run.best_metric) and its best value so far
+        self.best = BestMetric(resolve_best_metric(
+            run.best_metric, token_level=teacher_source.target_shape(self.data.train) != (),
+            has_truth=getattr(self.data.val, "posterior", None) is not None))
+        self.best_val_acc: float | None = None  # val_acc at the best epoch
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch whose evaluation best.pt holds (None before one)."""
+        return self.best.epoch
 
     @property
     def weighting(self) -> GradientWeighting | None:
@@ -137,13 +155,14 @@ class Trainer:
         return losses
 
     def evaluate(self, split, prefix: str, model: nn.Module | None = None, *,
-                 agreement: bool = False) -> dict[str, float]:
+                 agreement: bool = False, references: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         """:func:`kdcore.engine.evaluate.evaluate` of ``model`` (default: the student); with
-        ``agreement`` also its top-1 agreement with the teacher."""
+        ``agreement`` also its top-1 agreement with the teacher (run alongside); with
+        ``references`` its agreement with the teachers' kept predictions (see there)."""
         model = model or self.student
         teacher = self.teacher if agreement and model is not self.teacher else None
         return evaluate(model, split, prefix, self.runtime, batch_size=self.config.run.eval_batch_size,
-                        num_workers=self.config.run.num_workers, teacher=teacher)
+                        num_workers=self.config.run.num_workers, teacher=teacher, references=references)
 
     # -- checkpoints --------------------------------------------------------------------------
     def student_state(self) -> dict[str, Any]:
@@ -166,7 +185,7 @@ class Trainer:
             "aux_consumed": self.aux_consumed if self.batch_in_epoch else 0,
             "step": self.step,
             "best_val_acc": self.best_val_acc,
-            "best_epoch": self.best_epoch,
+            **self.best.state_dict(),
             "rng": checkpoints.rng_state(),
             "config": cfg.dumps(self.config),
         }
@@ -186,7 +205,8 @@ class Trainer:
         if state.get("meter") is not None:
             self.meter = Meter()
             self.meter.load_state_dict(state["meter"], self.device)
-        self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        self.best.load_state_dict(state)
+        self.best_val_acc = state["best_val_acc"] if self.best.epoch is not None else None
         checkpoints.set_rng_state(state["rng"])
 
     def fit(self, resume: bool = False, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
