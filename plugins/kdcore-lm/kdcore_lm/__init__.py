@@ -1,7 +1,8 @@
 """kdcore-lm: language-model distillation on Hugging Face causal LMs.
 
-Registers the backbone ``hf``, the datasets ``text`` and ``synthetic_lm``, the
-loss ``uld`` (cross-tokenizer distillation) and the batch policy
+Registers the backbones ``hf``, ``cross_tokenizer`` (a teacher with another
+tokenizer) and ``synthetic_lm_law``, the datasets ``text`` and ``synthetic_lm``,
+the loss ``uld`` (cross-tokenizer distillation) and the batch policy
 ``on_policy`` (on-policy and sequence-level distillation);
 :class:`KDTrainer` (a ``transformers.Trainer`` that distils with kdcore's
 loss terms) is imported on first use, so loading the plugin does not import

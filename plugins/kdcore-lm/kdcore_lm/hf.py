@@ -121,7 +121,7 @@ def check_vocab(rows: int, vocab: int, slack: int, what: str) -> None:
     if rows < vocab:
         raise ConfigError(f"vocab_size: {what} has {rows} vocabulary rows but the dataset's tokenizer has {vocab} "
                           "tokens: they use different tokenizers (student, teacher and dataset must share one; "
-                          "cross-tokenizer distillation is not supported)")
+                          "a teacher with another tokenizer goes through backbone = \"cross_tokenizer\")")
     if rows - vocab > slack:
         raise ConfigError(f"vocab_size: {what} has {rows} vocabulary rows, {rows - vocab} more than the dataset's "
                           f"tokenizer's {vocab} tokens (more than vocab_slack = {slack} padding rows): a different "

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kdcore.common.errors import ConfigError, UnknownComponentError
+from kdcore.common.errors import ConfigError
 from kdcore.losses import build
 from kdcore.losses.policy import DECIDE, SAMPLE, BatchPolicy, StepContext
 from kdcore.losses.schedule import Progress
@@ -76,10 +76,7 @@ class OnPolicy(BatchPolicy):
         self.pad_token_id = _int("pad_token_id", pad_token_id, 0)
         self.schedule = None
         if schedule is not None:
-            try:
-                self.schedule = build("scheduler", schedule, "schedule")
-            except UnknownComponentError as exc:
-                raise ConfigError(f"schedule.name: {exc}") from None
+            self.schedule = build("scheduler", schedule, "schedule")
             if not callable(self.schedule):
                 raise ConfigError(f"schedule: {schedule!r} is not a time schedule")
 

@@ -2,9 +2,10 @@
 
 from kdcore import hookimpl
 
+from kdcore_lm.cross import cross_tokenizer
 from kdcore_lm.hf import hf
 from kdcore_lm.on_policy import OnPolicy
-from kdcore_lm.synthetic import synthetic_lm
+from kdcore_lm.synthetic import synthetic_lm, synthetic_lm_law
 from kdcore_lm.text import text
 from kdcore_lm.uld import ULD
 
@@ -12,6 +13,8 @@ from kdcore_lm.uld import ULD
 @hookimpl
 def register_backbones(register):
     register("hf", hf)
+    register("cross_tokenizer", cross_tokenizer)
+    register("synthetic_lm_law", synthetic_lm_law)
 
 
 @hookimpl

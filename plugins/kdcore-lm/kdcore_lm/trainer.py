@@ -31,12 +31,25 @@ vocabulary (``vocab_size``; default ``len(processing_class)`` where a tokenizer
 is given, else the smaller model's rows when the models differ only by
 padding); models whose sizes differ by more than ``vocab_slack`` rows are a
 :class:`kdcore.ConfigError` naming both sizes.
+
+On-policy: ``batch_policy`` is a kdcore ``[batch_policy]`` table (e.g.
+``{"name": "on_policy", "lmbda": 0.5, "max_new_tokens": 32}``), built from the
+registry as ``kdcore train`` builds it. It replaces each optimizer step's whole
+batch (the step's micro-batches joined, right-padded to the widest) before any
+forward pass, and the step then trains on its micro-batches again (the same
+row counts). Its :class:`kdcore.losses.policy.StepContext` has the Trainer's
+``args.seed`` and the optimizer steps taken (``state.global_step``), so which
+steps generate and the tokens drawn depend on the seed and the step only, and
+resuming from a Trainer checkpoint continues the same draws. A plain
+``transformers`` model generates through the ``hf`` backbone's key/value-cache
+path over the shared vocabulary, as it does under ``kdcore train``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +58,9 @@ from transformers import Trainer
 
 from kdcore.common.errors import ConfigError
 from kdcore.engine import build_objective
+from kdcore.losses import build
 from kdcore.losses.outputs import Outputs
+from kdcore.losses.policy import StepContext
 from kdcore.losses.schedule import Progress
 from kdcore_lm.hf import HFCausalLM, check_vocab, lm_head_of
 
@@ -63,6 +78,49 @@ def _rows_of(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    """An optimizer step's whole batch as a batch policy sees it: the model ``inputs`` and
+    the shifted ``target`` (what :meth:`replace` gives back is the step's new batch)."""
+
+    inputs: dict[str, Tensor]
+    target: Tensor
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def replace(self, *, inputs: Mapping[str, Tensor] | None = None, target: Tensor | None = None) -> "StepBatch":
+        """This batch with new ``inputs`` and/or ``target`` (the same rows)."""
+        return StepBatch(self.inputs if inputs is None else dict(inputs), self.target if target is None else target)
+
+
+def join_micro_batches(inputs: Sequence[Mapping[str, Tensor]], targets: Sequence[Tensor]) -> StepBatch:
+    """One :class:`StepBatch` of a step's micro-batches (model inputs and targets), each
+    right-padded to the widest (``attention_mask`` 0, target -100), as collators that pad
+    every micro-batch to its own longest row leave them of different widths."""
+    if len(targets) == 1:
+        return StepBatch(dict(inputs[0]), targets[0])
+    width = max(t.shape[-1] for t in targets)
+    if any(t.shape[-1] != width for t in targets):
+        inputs = [{"attention_mask": torch.ones_like(x["input_ids"]), **x} for x in inputs]
+
+    def pad(x: Tensor, value: int) -> Tensor:
+        return nn.functional.pad(x, (0, width - x.shape[-1]), value=value)
+
+    joined = {k: torch.cat([pad(x[k], 0) for x in inputs]) for k in inputs[0]}
+    return StepBatch(joined, torch.cat([pad(t, IGNORE_INDEX) for t in targets]))
+
+
+def split_step_batch(batch: StepBatch, sizes: Sequence[int]) -> list[dict[str, Tensor]]:
+    """The micro-batches (model inputs with ``target``) of ``sizes`` rows each, in order."""
+    out, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        out.append({**{k: v[rows] for k, v in batch.inputs.items()}, "target": batch.target[rows]})
+        start += n
+    return out
+
+
 class KDTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is kdcore's ``sum_i w_i(t) * L_i`` (module docstring).
 
@@ -72,18 +130,26 @@ class KDTrainer(Trainer):
     - ``fused``: compute the student's (and teacher's) logits from the last hidden
       states inside the losses (chunked with ``chunk_size``) instead of the model's
       full logits; needs kdcore's fused projection;
-    - ``vocab_size`` / ``vocab_slack``: the shared vocabulary (see the module docstring).
+    - ``vocab_size`` / ``vocab_slack``: the shared vocabulary (see the module docstring);
+    - ``batch_policy``: a kdcore ``[batch_policy]`` table (a name, or a mapping with ``name``
+      and its parameters, e.g. ``on_policy``'s ``lmbda``) or a policy object (the module docstring).
 
-    Per-term values are logged as ``loss/<term>`` and weights as ``weight/<term>``.
+    Per-term values are logged as ``loss/<term>`` (each step's mean over its kept tokens)
+    and weights as ``weight/<term>``.
     """
 
     def __init__(self, model=None, args=None, *, teacher: nn.Module | None = None,
                  losses: Sequence[str | Mapping[str, Any]] = ("ce", "kd"), fused: bool = False,
-                 vocab_size: int | None = None, vocab_slack: int = 1024, **kwargs):
+                 vocab_size: int | None = None, vocab_slack: int = 1024,
+                 batch_policy: str | Mapping[str, Any] | Callable | None = None, **kwargs):
         self.objective = build_objective(losses)
         if self.objective.uses_teacher and teacher is None:
             names = [t.id for t in self.objective.terms if t.uses_teacher]
             raise ConfigError(f"teacher: required by loss term(s) {', '.join(names)}")
+        self.batch_policy = None if batch_policy is None else build("batch_policy", batch_policy, "batch_policy")
+        if getattr(self.batch_policy, "seq_kd", False) is True and teacher is None:
+            raise ConfigError("teacher: required by batch_policy.seq_kd = true (the teacher generates the "
+                              "completions of the steps the student does not)")
         if any(p.requires_grad for p in self.objective.modules.parameters()):
             raise ConfigError("losses: terms with trainable parameters (connectors) are not supported by "
                               "KDTrainer; use kdcore train")
@@ -99,8 +165,9 @@ class KDTrainer(Trainer):
         self.objective.modules.to(self.args.device)
         self.vocab_size = self._shared_vocab(vocab_size, vocab_slack)
         self._heads: dict[int, nn.Module] = {}
+        self._generators: dict[int, HFCausalLM] = {}
         self._term_sums: dict[str, float] = {}
-        self._term_count = 0
+        self._term_count = 0.0  # the recorded micro-batches' shares of their steps' kept tokens
 
     # -- vocabularies ---------------------------------------------------------------------------
     def _shared_vocab(self, vocab_size: int | None, slack: int) -> int | None:
@@ -142,6 +209,49 @@ class KDTrainer(Trainer):
         if self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
         return count
+
+    # -- the batch policy -----------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The step's micro-batches, replaced by the batch policy's new batch where it makes one
+        (and the kept tokens of the new ones)."""
+        samples, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.batch_policy is None or not samples:
+            return samples, count
+        made = self.apply_batch_policy(samples)
+        if made is samples:
+            return samples, count
+        return made, self._get_num_items_in_batch(made, device)
+
+    def apply_batch_policy(self, samples: list) -> list:
+        """The batch policy on the step's micro-batches joined into one batch, split back into
+        micro-batches of the same row counts (``samples`` itself where it keeps the batch)."""
+        micro = [self._prepare_inputs(s) for s in samples]
+        targets = [self.targets(m) for m in micro]
+        inputs = [{k: v for k, v in m.items() if k not in ("target", "labels")} for m in micro]
+        batch = join_micro_batches(inputs, targets)
+        made = self.batch_policy(batch, self.step_context())
+        if made is batch:
+            return samples
+        return split_step_batch(made, [len(t) for t in targets])
+
+    def step_context(self) -> StepContext:
+        """What the batch policy sees at this optimizer step (seeded by ``args.seed`` and the step)."""
+        student = self.accelerator.unwrap_model(self.model)
+        return StepContext(self._generator(student), self._generator(self.teacher), self.progress(),
+                           self.args.seed, self.args.device, self.args.process_index, self.args.world_size,
+                           self.accelerator.autocast)
+
+    def _generator(self, model: nn.Module | None) -> nn.Module | None:
+        """``model`` as the ``hf`` backbone (its decoder and head over the shared vocabulary), which
+        generates with its key/value cache; a backbone already is one."""
+        if model is None or isinstance(model, HFCausalLM):
+            return model
+        key = id(model)
+        if key not in self._generators:
+            self._generators[key] = HFCausalLM(model, self._head(model), fused=False)
+        backbone = self._generators[key]
+        backbone.training = model.training  # generate() puts it back in this mode (the teacher stays in eval)
+        return backbone
 
     # -- outputs --------------------------------------------------------------------------------
     def _head(self, model: nn.Module) -> nn.Module:
@@ -192,24 +302,27 @@ class KDTrainer(Trainer):
         if total is None:  # every weight is 0 at this step
             total = torch.zeros((), device=target.device, requires_grad=True)
         if num_items_in_batch is not None and model.training:
-            kept = (target != IGNORE_INDEX).sum()
-            total = total * kept / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+            share = (target != IGNORE_INDEX).sum() / torch.as_tensor(num_items_in_batch,
+                                                                      device=total.device).clamp(min=1)
+            total = total * share
             if self.args.world_size > 1:
                 total = total * self.args.world_size  # data parallelism averages the processes' gradients
-            self._record(losses, weights)
+            self._record(losses, weights, float(share))
         return (total, student) if return_outputs else total
 
-    def _record(self, losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> None:
+    def _record(self, losses: Mapping[str, Tensor], weights: Mapping[str, float], share: float) -> None:
+        """Add a micro-batch's term values and weights, weighted by its share of the step's kept
+        tokens, so that a step's logged value is its mean over its kept tokens (as kdcore logs it)."""
         for k, v in losses.items():
-            self._term_sums[f"loss/{k}"] = self._term_sums.get(f"loss/{k}", 0.0) + float(v.detach())
+            self._term_sums[f"loss/{k}"] = self._term_sums.get(f"loss/{k}", 0.0) + share * float(v.detach())
         for k, w in weights.items():
-            self._term_sums[f"weight/{k}"] = self._term_sums.get(f"weight/{k}", 0.0) + float(w)
-        self._term_count += 1
+            self._term_sums[f"weight/{k}"] = self._term_sums.get(f"weight/{k}", 0.0) + share * float(w)
+        self._term_count += share
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._term_count and "loss" in logs:
             logs.update({k: v / self._term_count for k, v in self._term_sums.items()})
-            self._term_sums, self._term_count = {}, 0
+            self._term_sums, self._term_count = {}, 0.0
         super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -45,3 +45,14 @@ def build_tokenizer(directory):
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def train_teacher(out, data: dict, model: dict) -> str:
+    """An ``hf`` teacher of config ``model`` trained one epoch on ``data`` into ``out``; its best.pt."""
+    import kdcore
+
+    conf = {"run": {"seed": 0, "epochs": 1, "batch_size": 16, "progress": "off"}, "data": dict(data),
+            "student": {"backbone": "hf", "config": dict(model)},
+            "optim": {"name": "adamw", "lr": 1e-2}, "loss": [{"name": "ce"}]}
+    kdcore.train(conf, out, quiet=True)
+    return str(out / "checkpoints" / "best.pt")

@@ -5,6 +5,7 @@ weights of the 2-rank run that was never stopped; so does on-policy distillation
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,6 +19,10 @@ import torch
 import kdcore
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+_spec = importlib.util.spec_from_file_location("helpers_lm", Path(__file__).with_name("helpers_lm.py"))
+H = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(H)
+
 DATA = {"name": "synthetic_lm", "n": 160, "length": 8, "vocab_size": 32, "states": 4}
 MODEL = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 1}
@@ -56,12 +61,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf_teacher")
-    conf = {"run": {"seed": 0, "epochs": 1, "batch_size": 16, "progress": "off"}, "data": dict(DATA),
-            "student": {"backbone": "hf", "config": dict(MODEL)},
-            "optim": {"name": "adamw", "lr": 1e-2}, "loss": [{"name": "ce"}]}
-    kdcore.train(conf, out, quiet=True)
-    return str(out / "checkpoints" / "best.pt")
+    return H.train_teacher(tmp_path_factory.mktemp("hf_teacher"), DATA, MODEL)
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path, teacher):

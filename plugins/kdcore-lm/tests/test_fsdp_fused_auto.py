@@ -6,6 +6,7 @@ stays a one-line config error on every rank."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,6 +20,10 @@ import torch
 import kdcore
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+_spec = importlib.util.spec_from_file_location("helpers_lm", Path(__file__).with_name("helpers_lm.py"))
+H = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(H)
+
 DATA = {"name": "synthetic_lm", "n": 64, "length": 8, "vocab_size": 32, "states": 4}
 MODEL = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
          "num_attention_heads": 2, "num_key_value_heads": 1}
@@ -51,12 +56,7 @@ def _torchrun(conf: dict, tmp_path: Path, name: str) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf_teacher")
-    conf = {"run": {"seed": 0, "epochs": 1, "batch_size": 16, "progress": "off"}, "data": dict(DATA),
-            "student": {"backbone": "hf", "config": dict(MODEL)},
-            "optim": {"name": "adamw", "lr": 1e-2}, "loss": [{"name": "ce"}]}
-    kdcore.train(conf, out, quiet=True)
-    return str(out / "checkpoints" / "best.pt")
+    return H.train_teacher(tmp_path_factory.mktemp("hf_teacher"), DATA, MODEL)
 
 
 def _model(fused) -> torch.nn.Module:
