@@ -333,3 +333,46 @@ def test_two_gloo_ranks_with_two_teachers_equal_one_process(teachers, tmp_path, 
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in ("one", "two"))
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_an_ensemble_knows_the_positions_every_teacher_knows():
+    """A teacher that knows only some positions (``Outputs.known``, a cross-tokenizer
+    teacher) in an ensemble: the ensemble's positions are those all its teachers know, and a
+    term over them equals kd on those positions alone, whatever the logits elsewhere."""
+    from kdcore.engine.objective import Term
+
+    g = torch.Generator().manual_seed(1)
+    za, zb, zs = (torch.randn(2, 5, 7, generator=g) for _ in range(3))
+    known_a = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
+    y = torch.randint(0, 7, (2, 5), generator=g)
+    out = ensemble_outputs([Outputs(za, known=known_a), Outputs(zb)])
+    assert torch.equal(out.known, known_a)
+    both = ensemble_outputs([Outputs(za, known=known_a), Outputs(zb, known=known_a.flip(1))]).known
+    assert torch.equal(both, known_a & known_a.flip(1))
+    assert ensemble_outputs([Outputs(za), Outputs(zb)]).known is None
+
+    kd = kdcore.create("loss", "kd")
+    values = []
+    for garbage in (0.0, 1e4):
+        noisy = torch.where(known_a.unsqueeze(-1), za, garbage * torch.randn(2, 5, 7, generator=g))
+        term = Term("kd", kd, 1.0, teachers=("a", "b"))
+        values.append(term(Outputs(zs), {"a": Outputs(noisy, known=known_a), "b": Outputs(zb)}, y))
+    mean = torch.log((torch.softmax(za, -1) + torch.softmax(zb, -1)) / 2)
+    torch.testing.assert_close(values[0], values[1])
+    torch.testing.assert_close(values[0], kd(zs, mean, y.masked_fill(~known_a, -100)))
+
+
+def test_a_term_over_all_rows_skips_the_positions_its_teacher_does_not_know():
+    """``rows = "all"`` calls the loss without targets; a teacher's unknown positions are
+    still left out (the mean is over the positions it knows)."""
+    from kdcore.engine.objective import Term
+
+    g = torch.Generator().manual_seed(2)
+    zs, zt = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    known = torch.rand(3, 4, generator=g) > 0.4
+    y = torch.full((3, 4), -100)  # a transfer set: no labels
+    kd = kdcore.create("loss", "kd", temperature=2.0)
+    got = Term("kd", kd, 1.0, rows="all")(Outputs(zs), Outputs(zt, known=known), y)
+    want = kd(zs[known], zt[known], None)
+    torch.testing.assert_close(got, want)
+    assert Term("kd", kd, 1.0, rows="all")(Outputs(zs), Outputs(zt), y) == pytest.approx(float(kd(zs, zt, None)))

@@ -18,6 +18,7 @@ and a term naming several teachers sees their ensemble (:func:`ensemble_outputs`
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -145,14 +146,18 @@ def ensemble_outputs(outputs: Sequence[Outputs], reduction: str = "probs",
     ``"probs"``: ``log(sum_i w_i softmax(z_i))``, the log of the (weighted) mean of the
     teachers' probabilities, which a loss takes as logits (its softmax is that mean);
     ``"logits"``: ``sum_i w_i z_i``, the (weighted) mean of their logits. ``weights`` sum to 1
-    (None: equal weights). A teacher giving ``Outputs(hidden, head)`` has its logits computed."""
+    (None: equal weights). A teacher giving ``Outputs(hidden, head)`` has its logits computed.
+    Where teachers know only some positions (``Outputs.known``), the ensemble knows the
+    positions that every teacher knows."""
     weights = [1.0 / len(outputs)] * len(outputs) if weights is None else list(weights)
     parts = [(w, o.logits.float()) for w, o in zip(weights, outputs) if w > 0]
     if reduction == "logits":
         logits = sum(w * z for w, z in parts)
     else:
         logits = torch.logsumexp(torch.stack([torch.log_softmax(z, -1) + math.log(w) for w, z in parts]), 0)
-    return Outputs(logits=logits, index=outputs[0].index)
+    masks = [o.known for o in outputs if o.known is not None]
+    known = functools.reduce(torch.logical_and, masks) if masks else None
+    return Outputs(logits=logits, index=outputs[0].index, known=known)
 
 
 def _bind_teachers(term: Term, spec: LossTermConfig, config: Config) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from kdcore.common.errors import ConfigError
@@ -97,9 +98,13 @@ class Outputs:
     def known_target(self, target: Tensor | None) -> Tensor | None:
         """``target`` with ``-100`` (ignored) at the positions these outputs do not know
         (``known`` False), so that a term comparing with them skips those positions;
-        ``target`` itself where every position is known or there is no target."""
-        if self.known is None or target is None:
+        ``target`` itself where every position is known. Without a target (a term over
+        every row, ``rows = "all"``, whose loss does not read labels) and with positions
+        unknown: class 0 at the known positions and ``-100`` at the others."""
+        if self.known is None:
             return target
+        if target is None:
+            target = self.known.new_zeros(self.known.shape, dtype=torch.long)
         return target.masked_fill(~self.known.to(target.device), -100)
 
     @property
