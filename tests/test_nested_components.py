@@ -12,6 +12,7 @@ import pytest
 
 import kdcore
 from kdcore.common.errors import ConfigError, UnknownComponentError
+from kdcore.config import check_components, from_dict
 from kdcore.plugins import default_registry
 from kdcore.plugins.registry import accepted_parameters, required_parameters
 
@@ -211,3 +212,17 @@ def test_every_factory_refuses_unknown_and_missing_parameters_with_the_key_path(
             kdcore.build(kind, {"name": name, **given}, key, registry=registry)
         assert str(info.value).startswith(f"{key}.{missing}: required parameter missing ({kind} {name!r} takes: ")
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("term, key", [
+    ({"name": "python:no_such_module_here:Loss"}, "loss[1].name"),
+    ({"name": "kd", "divergence": "python:no_such_module_here:Div"}, "loss[1].divergence"),
+    ({"name": "kd", "transforms": ["temperature", {"name": "python:no_such_module_here:T"}]},
+     "loss[1].transforms[1].name"),
+])
+def test_a_python_reference_that_does_not_resolve_names_its_key_in_the_config_check(term, key):
+    conf = {"data": {"name": "gaussian_mixture", "n": 100}, "student": {"backbone": "mlp"},
+            "loss": [{"name": "ce"}, term]}
+    with pytest.raises(ConfigError) as info:
+        check_components(from_dict(conf), default_registry())
+    assert str(info.value).startswith(f"{key}: 'python:no_such_module_here:")

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-
 from kdcore.common.errors import ConfigError, UnknownComponentError, join_path
 from kdcore.config.schema import Config
 from kdcore.plugins.registry import Registry, check_parameters
+
 
 def check_components(config: Config, registry: Registry) -> None:
     """Check that every named component exists and accepts its parameters."""
@@ -23,6 +23,8 @@ def check_components(config: Config, registry: Registry) -> None:
             comp = registry.get(kind, name)
         except UnknownComponentError as exc:
             raise exc.with_path(join_path(path, name_key)) from None
+        except ConfigError as exc:  # a "python:MODULE:ATTRIBUTE" that does not resolve
+            raise ConfigError.unkeyed(str(exc)).with_path(join_path(path, name_key)) from None
         try:
             check_parameters(comp, {k: v for k, v in params.items() if k not in reserved}, provided=reserved)
         except ConfigError as exc:
