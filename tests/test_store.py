@@ -15,7 +15,7 @@ import kdcore
 from kdcore.data import fingerprint
 from kdcore.engine import build_trainer
 from kdcore.engine.capture import capture
-from kdcore.engine.teacher_source import CachedTeacher, _Rows
+from kdcore.engine.teacher_cache import CachedTeacher, _Rows
 from kdcore.signals import buckets
 from kdcore.signals.records import VALUE_CODINGS, check_values, choose_layout, decode, encode, top_k
 

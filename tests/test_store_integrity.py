@@ -27,7 +27,7 @@ import kdcore
 from kdcore.cli import main
 from kdcore.common.errors import RunFailure
 from kdcore.engine import capture as capture_module
-from kdcore.engine import teacher_source
+from kdcore.engine import teacher_cache
 from kdcore.engine.capture import capture
 from kdcore.signals import store
 from kdcore.signals.records import Layout, VALUE_CODINGS, check_values, choose_layout, decode, encode, top_k
@@ -361,7 +361,7 @@ def test_the_cache_file_on_a_full_disk_is_a_one_line_failure(tmp_path, monkeypat
     monkeypatch.setattr(os, "posix_fallocate", _full_disk)
     value = torch.zeros(4, 600)
     with pytest.raises(RunFailure) as exc:
-        teacher_source._Rows(1000, value, 0, torch.device("cpu"), tmp_path)
+        teacher_cache._Rows(1000, value, 0, torch.device("cpu"), tmp_path)
     assert str(exc.value) == _cache_message(tmp_path, 3)  # 1000 rows of 2400 bytes
     assert list(tmp_path.iterdir()) == []
 
@@ -372,7 +372,7 @@ def _unsupported(fd, offset, length):
 
 def test_the_cache_file_is_written_with_zeros_where_space_cannot_be_reserved(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", _unsupported)
-    rows = teacher_source._Rows(3000, torch.zeros(1, 600), 0, torch.device("cpu"), tmp_path)
+    rows = teacher_cache._Rows(3000, torch.zeros(1, 600), 0, torch.device("cpu"), tmp_path)
     assert os.fstat(rows._file.fileno()).st_blocks * 512 >= 3000 * 2400  # allocated, not a sparse file
     rows.put(torch.tensor([2999]), torch.ones(1, 600))
     assert torch.equal(rows.get(torch.tensor([2999, 0])), torch.stack([torch.ones(600), torch.zeros(600)]))
@@ -397,7 +397,7 @@ def test_the_cache_file_on_a_full_tmpfs(small_tmpfs, monkeypatch, reserve):
     if reserve == "zeros":
         monkeypatch.setattr(os, "posix_fallocate", _unsupported)
     with pytest.raises(RunFailure) as exc:
-        teacher_source._Rows(1000, torch.zeros(1, 600), 0, torch.device("cpu"), small_tmpfs)
+        teacher_cache._Rows(1000, torch.zeros(1, 600), 0, torch.device("cpu"), small_tmpfs)
     assert str(exc.value) == _cache_message(small_tmpfs, 3)
 
 

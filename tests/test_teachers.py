@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 import kdcore
 from kdcore.engine import build_model, build_trainer
 from kdcore.engine.batches import epoch_generator
-from kdcore.engine.objective import ensemble_outputs
+from kdcore.engine.teachers import ensemble_outputs
 from kdcore.losses.outputs import Outputs
 
 _spec = importlib.util.spec_from_file_location("helpers_runs", Path(__file__).with_name("helpers_runs.py"))

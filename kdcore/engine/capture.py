@@ -33,8 +33,10 @@ from kdcore.common.version import VERSION
 from kdcore.config import resolve_path
 from kdcore.data import TensorSplit, index_inputs
 from kdcore.data import fingerprint
+from kdcore.engine import capture_resume as resume
 from kdcore.engine import distributed
 from kdcore.engine.batches import from_collated, move
+from kdcore.engine.capture_resume import CaptureStopped
 from kdcore.engine.forward import forward
 from kdcore.engine.models import build_data, build_teacher
 from kdcore.engine.runtime import pick_device
@@ -51,11 +53,6 @@ from kdcore.signals.records import (DamagedRecord, Layout, check_values, choose_
 DEFAULT_TOP_K = 128
 #: the default shard size aims at this many bytes per shard
 SHARD_BYTES = 64 * 2**20
-#: manifest entries that must agree for a capture to continue into an existing store
-_SAME = ("kind", "k", "num_classes", "temperature", "target_shape", "positions", "n", "shard_samples", "shards",
-         "layout", "data", "teacher", "fixed_view", store.DROPS, "sample_seed")
-#: what a manifest written before an entry existed means by its absence
-_ABSENT = {"kind": "top_k", store.DROPS: False, "sample_seed": None}
 
 
 def _batches(split, rows: range, batch_size: int, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
@@ -81,11 +78,6 @@ def draw_seed(run_seed: int, sample: int) -> int:
 PARTIAL_TEACHER = ("teacher: its outputs hold only some positions (a teacher with another tokenizer, "
                    "backbone cross_tokenizer), which a store cannot mark; train with the teacher running "
                    "(teacher.source = \"model\") instead of capturing it")
-
-
-class CaptureStopped(RunFailure):
-    """A capture that failed part way (exit 1): the shards it finished are kept, and the
-    message says to run the same command again to continue."""
 
 
 class TeacherNotFinite(RunFailure):
@@ -157,22 +149,6 @@ def _progress(total: int, initial: int, quiet: bool):
     return tqdm(total=total, initial=initial, desc="capture", unit="sample", dynamic_ncols=True)
 
 
-def _check_existing(root: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The store already at ``root`` (None: none), refused where it is another capture."""
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--out: {root} exists and is not a directory")
-    existing = store.read_manifest(root, "--out") if root.is_dir() else None
-    if existing is None:
-        if root.is_dir() and any(root.iterdir()):
-            raise ConfigError(f"--out: {root} exists and holds files but no teacher store; choose another --out")
-        return None
-    for key in _SAME:
-        if existing.get(key, _ABSENT.get(key)) != manifest[key]:
-            raise ConfigError(f"--out: {root} holds a capture with another {key!r} (of another teacher, data "
-                              "or settings); choose another --out, or delete it to capture again")
-    return existing
-
-
 def _arguments(config, overrides, top_k, sample, values, batch_size, shard_samples) -> list[str]:
     """The command line of this capture but ``--out`` (the manifest keeps it, so that a message
     about a damaged store can give the command that rewrites it)."""
@@ -216,37 +192,6 @@ def capture(config: str | Path, out: str | Path, overrides: Iterable[str] = (), 
         distributed.teardown(dist)
 
 
-def _good_shards(root: Path, existing: dict[str, Any], quiet: bool) -> dict[str, str]:
-    """The shards of the store at ``root`` that are whole, by name, with their SHA-256: present,
-    of the right size and with the digest the manifest records. A shard it records none for was
-    written whole (atomically) by a capture interrupted before its end, and is kept; in a
-    complete store (of kdcore 0.1) it must pass the value checks, record by record. The others
-    are listed on the output (unless ``quiet``)."""
-    recorded = existing.get(store.DIGESTS) or {}
-    reader = store.StoreReader(root, existing)
-    good, bad = {}, []
-    for j in range(int(existing["shards"])):
-        name = store.shard_name(j)
-        problem = store.size_problem(root, j, existing)
-        if problem is None:
-            digest = store.file_sha256(root / name)
-            if name in recorded and digest != recorded[name]:
-                problem = "its SHA-256 differs from the one in manifest.json"
-            elif name not in recorded and existing.get("complete"):
-                try:
-                    reader.check_shard(j)
-                except store.DamagedStore:
-                    problem = "it holds damaged records"
-        if problem is None:
-            good[name] = digest
-        elif problem != "is missing" or existing.get("complete"):
-            bad.append(f"{name} ({problem.removeprefix('is ')})")
-    if bad and not quiet:
-        print(f"capture: rewriting {len(bad)} damaged or missing shard(s) of {root}: {', '.join(bad[:5])}"
-              f"{' ...' if len(bad) > 5 else ''}")
-    return good
-
-
 def _capture(conf, tc, root: Path, registry, dist, kinds, values, batch_size, shard_samples, quiet, args):
     run = conf.run
     top_k, sample = kinds
@@ -265,7 +210,7 @@ def _capture(conf, tc, root: Path, registry, dist, kinds, values, batch_size, sh
     layout = choose_layout(classes, k, values, kind)
     shape = target_shape(split)
     positions = max(1, int(torch.Size(shape).numel()))
-    drops = positions > 1 and _drops_ignored(root)
+    drops = positions > 1 and resume.drops_ignored(root)
     n = len(split)
     if batch_size is not None and batch_size <= 0:
         raise ConfigError(f"--batch-size: must be > 0, got {batch_size}")
@@ -285,7 +230,7 @@ def _capture(conf, tc, root: Path, registry, dist, kinds, values, batch_size, sh
         "sample_seed": run.seed if layout.sampled else None,
     }
     if dist.is_main:  # one rank checks --out and writes the manifest; the others then read it
-        _start(root, manifest, quiet)
+        resume.start(root, manifest, quiet)
     dist.barrier()
     existing = store.read_manifest(root, "--out")
     if existing.get("complete"):
@@ -312,21 +257,13 @@ def _capture(conf, tc, root: Path, registry, dist, kinds, values, batch_size, sh
             written[store.shard_name(j)] = store.records_sha256(records)
     dist.barrier()
     if dist.is_main:
-        manifest[store.DIGESTS] = _all_digests(root, manifest, {**done, **written})
+        manifest[store.DIGESTS] = resume.all_digests(root, manifest, {**done, **written})
         manifest.update(complete=True, bytes_per_position=layout.record_bytes,
                         total_bytes=store.total_bytes(root, manifest),
                         stored_positions=_stored_positions(root, manifest))
         store.write_manifest(root, manifest)
     dist.barrier()
     return manifest
-
-
-def _drops_ignored(root: Path) -> bool:
-    """Whether a token-level capture into ``root`` leaves out positions whose target is -100:
-    yes, unless ``root`` holds a store written before that (every position stored), which a
-    capture finishes or repairs in its own format."""
-    existing = store.read_manifest(root, "--out") if (root / store.MANIFEST).is_file() else None
-    return existing is None or store.DROPS in existing
 
 
 def _stored_positions(root: Path, manifest: dict[str, Any]) -> int:
@@ -336,38 +273,6 @@ def _stored_positions(root: Path, manifest: dict[str, Any]) -> int:
         return int(manifest["n"]) * int(manifest["positions"])
     return int(sum(store.stored_rows(root / store.shard_name(j), len(store.shard_samples_of(j, manifest)),
                                      manifest).sum() for j in range(int(manifest["shards"]))))
-
-
-def _start(root: Path, manifest: dict[str, Any], quiet: bool) -> None:
-    """Check what ``--out`` holds and write the manifest the capture works from: ``complete``
-    where the store there is whole, else incomplete with the digests of the shards to keep."""
-    existing = _check_existing(root, manifest)
-    if existing is None:
-        store.write_manifest(root, manifest)
-        return
-    good = _good_shards(root, existing, quiet)
-    if existing.get("complete") and len(good) == manifest["shards"]:
-        if existing.get(store.DIGESTS) != good:  # a store of kdcore 0.1: its digests recorded now
-            store.write_manifest(root, {store.CAPTURE_ARGS: manifest[store.CAPTURE_ARGS], **existing,
-                                        store.DIGESTS: good})
-        return
-    store.remove_partial(root)  # what a killed capture was writing
-    store.write_manifest(root, {**manifest, store.DIGESTS: good})
-
-
-def _all_digests(root: Path, manifest: dict[str, Any], known: dict[str, str]) -> dict[str, str]:
-    """Every shard's SHA-256: ``known`` (kept or written by this rank), the others' (written by
-    other ranks) from their files."""
-    digests = dict(known)
-    for j in range(manifest["shards"]):
-        name = store.shard_name(j)
-        if name not in digests:
-            problem = store.size_problem(root, j, manifest)
-            if problem is not None:
-                raise CaptureStopped(f"capture: {store.describe_shard(root, j, manifest)} {problem} although every "
-                                     "rank finished; run the same kdcore capture command again to continue")
-            digests[name] = store.file_sha256(root / name)
-    return dict(sorted(digests.items()))
 
 
 @contextlib.contextmanager

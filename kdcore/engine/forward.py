@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcore.common.errors import ConfigError
+from kdcore.engine import teachers
 from kdcore.engine.batches import Batch
 from kdcore.engine.objective import Objective
 from kdcore.engine.runtime import Runtime
@@ -91,7 +92,7 @@ class Forward:
         if not isinstance(source, Mapping):
             return source(batch, inputs, objective.taps(terms, "teacher") if taps else ())
         return {name: source[name](batch, inputs, objective.taps(terms, "teacher", name) if taps else ())
-                for name in objective.teachers_of(terms)}
+                for name in teachers.used_by(terms)}
 
 
 def materialise_lazy_terms(fwd: Forward, batches) -> None:

@@ -13,22 +13,21 @@ and the checkpoints.
 
 With several teachers (``[teachers.NAME]``) each term is bound to the teacher it
 names (:attr:`Term.teachers`), the teachers' outputs arrive as a mapping by name,
-and a term naming several teachers sees their ensemble (:func:`ensemble_outputs`).
+and a term naming several teachers sees their ensemble
+(:func:`kdcore.engine.teachers.ensemble_outputs`).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
-import torch
 from torch import Tensor, nn
 
 from kdcore.common.errors import ConfigError, LossTermFailure, PluginError, RunFailure, UnknownComponentError
-from kdcore.config import Config, LossTermConfig
+from kdcore.config import Config
+from kdcore.engine import teachers
 from kdcore.engine.taps import check_taps, tap_paths
 from kdcore.losses import LogitLoss, build
 from kdcore.losses.outputs import Outputs
@@ -72,7 +71,7 @@ class Term:
     rows: str = "labelled"
     #: the names of the teachers the term uses (several: an ensemble); () where it names none
     teachers: tuple[str, ...] = ()
-    #: an ensemble's reduction, ``"probs"`` or ``"logits"`` (see :func:`ensemble_outputs`)
+    #: an ensemble's reduction, ``"probs"`` or ``"logits"`` (see :func:`~kdcore.engine.teachers.ensemble_outputs`)
     ensemble: str = "probs"
     #: an ensemble's weights, normalised to sum 1 (None: equal weights)
     teacher_weights: tuple[float, ...] | None = None
@@ -122,7 +121,8 @@ class Term:
             return teacher
         if len(self.teachers) == 1:
             return teacher[self.teachers[0]]
-        return ensemble_outputs([teacher[n] for n in self.teachers], self.ensemble, self.teacher_weights)
+        return teachers.ensemble_outputs([teacher[n] for n in self.teachers], self.ensemble,
+                                         self.teacher_weights)
 
     def _value(self, student: Outputs, teacher: Outputs | Mapping[str, Outputs] | None, target: Tensor) -> Any:
         """The loss called with what it declares it needs (see the module's docstring)."""
@@ -138,71 +138,6 @@ class Term:
         if isinstance(self.loss, LogitLoss) and (_fusable(student) or _fusable(teacher)):
             return self.loss(student, teacher, target)
         return self.loss(student.logits, None if teacher is None else teacher.logits, target)
-
-
-def ensemble_outputs(outputs: Sequence[Outputs], reduction: str = "probs",
-                     weights: Sequence[float] | None = None) -> Outputs:
-    """The ensemble of several teachers' outputs, as logits over the same classes (in float32):
-    ``"probs"``: ``log(sum_i w_i softmax(z_i))``, the log of the (weighted) mean of the
-    teachers' probabilities, which a loss takes as logits (its softmax is that mean);
-    ``"logits"``: ``sum_i w_i z_i``, the (weighted) mean of their logits. ``weights`` sum to 1
-    (None: equal weights). A teacher giving ``Outputs(hidden, head)`` has its logits computed.
-    Where teachers know only some positions (``Outputs.known``), the ensemble knows the
-    positions that every teacher knows."""
-    weights = [1.0 / len(outputs)] * len(outputs) if weights is None else list(weights)
-    parts = [(w, o.logits.float()) for w, o in zip(weights, outputs) if w > 0]
-    if reduction == "logits":
-        logits = sum(w * z for w, z in parts)
-    else:
-        logits = torch.logsumexp(torch.stack([torch.log_softmax(z, -1) + math.log(w) for w, z in parts]), 0)
-    masks = [o.known for o in outputs if o.known is not None]
-    known = functools.reduce(torch.logical_and, masks) if masks else None
-    return Outputs(logits=logits, index=outputs[0].index, known=known)
-
-
-def _bind_teachers(term: Term, spec: LossTermConfig, config: Config) -> None:
-    """Bind ``term`` to the teacher(s) its table names (``teacher``, ``ensemble``,
-    ``teacher_weights``), or to the only teacher where it names none; refuse what
-    cannot work (see docs/teachers.md)."""
-    tables = config.teacher_tables()
-    names = list(tables)
-    if spec.teacher is not None and not term.uses_teacher:
-        raise ConfigError(f"{term.path}.teacher: loss {spec.name!r} does not use a teacher; remove the key")
-    if not term.uses_teacher or not names:
-        return
-    if spec.teacher is None:
-        if len(names) > 1:
-            raise ConfigError(f"{term.path}.teacher: required with several teachers: name one of "
-                              f"{', '.join(names)} (teacher = \"NAME\"), or several for an ensemble")
-        term.teachers = (names[0],)
-        return
-    term.teachers = (spec.teacher,) if isinstance(spec.teacher, str) else tuple(spec.teacher)
-    if len(term.teachers) == 1:
-        return
-    if term.taps("teacher"):
-        raise ConfigError(f"{term.path}.teacher: an ensemble has no layers to tap, and this term taps the "
-                          f"teacher's {', '.join(term.taps('teacher'))}; name one teacher")
-    stored = [n for n in term.teachers if tables[n].signals.source == "store"]
-    if stored:
-        raise ConfigError(f"{term.path}.teacher: {stored[0]!r} is a stored teacher (top-k buckets, not whole "
-                          "distributions); an ensemble takes teachers with source = 'model'")
-    term.ensemble = spec.ensemble
-    if spec.teacher_weights is not None:
-        total = sum(spec.teacher_weights)
-        term.teacher_weights = tuple(w / total for w in spec.teacher_weights)
-
-
-def _check_all_used(terms: Sequence[Term], config: Config) -> None:
-    """A ``[teachers.NAME]`` table that no term uses is a mistake (a teacher built for nothing)."""
-    if config.teachers is None:
-        return
-    used = {n for t in terms for n in t.teachers}
-    for name in config.teachers:
-        if name not in used:
-            users = [t.path for t in terms if t.uses_teacher]
-            hint = f"name it in a term ({', '.join(users)}: teacher = \"{name}\")" if users else \
-                "add a term that uses it"
-            raise ConfigError(f"teachers.{name}: no loss term uses teacher {name!r}; {hint}, or remove the table")
 
 
 def _check_all_rows(loss: Any, name: str, config: Config, world: int, path: str) -> None:
@@ -266,12 +201,14 @@ class Objective:
             if term.rows == "all":
                 _check_all_rows(loss, term.name, config, world, path)
             terms.append(Term(tid, loss, term.weight, schedule, path, term.rows))
-            _bind_teachers(terms[-1], term, config)
+            t = terms[-1]
+            t.teachers, t.ensemble, t.teacher_weights = teachers.bind(term, config, path, t.uses_teacher,
+                                                                      t.taps("teacher"))
         objective = cls(terms)
         if objective.uses_teacher and not config.teacher_tables():
             names = [t.id for t in terms if t.uses_teacher]
             raise ConfigError(f"teacher: required by loss term(s) {', '.join(names)} (add a [teacher] table)")
-        _check_all_used(terms, config)
+        teachers.check_all_used(terms, config)
         return objective
 
     def bind(self, student: nn.Module, teacher: nn.Module | Mapping[str, nn.Module | None] | None) -> None:
@@ -296,11 +233,6 @@ class Objective:
         if teacher is not None:
             terms = [t for t in terms if t.teachers == (teacher,)]
         return tuple(dict.fromkeys(p for t in terms for p in t.taps(side)))
-
-    @staticmethod
-    def teachers_of(terms: list[Term]) -> list[str]:
-        """The names of the teachers ``terms`` use, in order: the ones a step must run."""
-        return list(dict.fromkeys(n for t in terms if t.uses_teacher for n in t.teachers))
 
     def weights(self, progress: Progress) -> dict[str, float]:
         """Each term's weight at ``progress``. ``kdcore train`` and ``kdcore_lm.KDTrainer``

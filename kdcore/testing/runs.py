@@ -16,8 +16,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import kdcore
-from kdcore.engine import loop
+from kdcore.engine import loop, train
 
 
 @contextlib.contextmanager
@@ -44,9 +43,9 @@ def train_interrupted(config: Any, run_dir: str | Path, overrides: Sequence[str]
     """
     with _stop_at_epoch(at_epoch):
         try:
-            kdcore.train(config, run_dir, list(overrides), quiet=True)
+            train(config, run_dir, list(overrides), quiet=True)
         except KeyboardInterrupt:
             pass
         else:
             raise AssertionError(f"the run ended before epoch {at_epoch} began; nothing was interrupted")
-    kdcore.train(config, run_dir, list(overrides), resume=True, quiet=True)
+    train(config, run_dir, list(overrides), resume=True, quiet=True)
