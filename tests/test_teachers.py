@@ -194,6 +194,37 @@ def test_each_term_uses_its_teacher_and_each_teacher_runs_once_per_step(teachers
             assert float(got[k].detach()) == pytest.approx(float(v), rel=1e-5, abs=1e-7), (i, k)
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_run_compile_compiles_each_teacher_and_each_runs_compiled(teachers, tmp_path, monkeypatch, cache):
+    """``run.compile``: the student and every teacher are compiled, and each teacher's source
+    (running or cached) runs its own compiled module, once per step."""
+    compiled, calls = [], {}
+
+    class Compiled(torch.nn.Module):  # what torch.compile would return, counting its calls
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            calls[id(self.module)] = calls.get(id(self.module), 0) + 1
+            return self.module(*args, **kwargs)
+
+    def fake_compile(module):
+        compiled.append(module)
+        return Compiled(module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    conf = two_teacher_config(teachers, [{"name": "ce"}, KD_A, KD_B])
+    conf["run"]["compile"] = True
+    for table in conf["teachers"].values():
+        table["cache"] = cache
+    trainer = build_trainer(conf, tmp_path / "run", quiet=True)
+    assert [id(m) for m in compiled] == [id(trainer.student), id(trainer.teachers["a"]), id(trainer.teachers["b"])]
+    batch = _first_batches(trainer, 1)[0]
+    trainer.train_step(batch)
+    assert calls[id(trainer.teachers["a"])] == 1 and calls[id(trainer.teachers["b"])] == 1
+
+
 @pytest.mark.parametrize("ensemble, weights", [("probs", None), ("logits", None), ("probs", [1, 3]),
                                                ("logits", [3, 1]), ("probs", [0, 2])])
 def test_an_ensemble_term_equals_the_average_computed_by_hand(teachers, tmp_path, ensemble, weights):
