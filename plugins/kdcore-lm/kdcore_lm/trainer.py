@@ -43,6 +43,17 @@ steps generate and the tokens drawn depend on the seed and the step only, and
 resuming from a Trainer checkpoint continues the same draws. A plain
 ``transformers`` model generates through the ``hf`` backbone's key/value-cache
 path over the shared vocabulary, as it does under ``kdcore train``.
+
+Trainable loss terms: logit terms with their own parameters (e.g. ``kd`` with
+``transforms = [{"name": "ctkd"}]``, CTKD's learnable temperature) train as under
+``kdcore train``: one more optimizer param group at the Trainer's learning rate
+(and schedule) and ``weight_decay``, clipped with the student under one global norm
+(``max_grad_norm``), their gradients averaged over the processes once per optimizer
+step (DDP through torchrun; DeepSpeed, FSDP and the like are refused). Their state
+(parameters and buffers, :attr:`kdcore.engine.Objective.modules`' state dict as
+``{"losses": ...}``) is written atomically to ``kdcore_losses.pt`` beside the model
+in every ``checkpoint-N`` directory and by :meth:`Trainer.save_model`, and read back
+with ``weights_only=True`` on ``train(resume_from_checkpoint=...)``.
 """
 
 from __future__ import annotations
@@ -50,9 +61,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import Tensor, nn
 from transformers import Trainer
 
@@ -62,6 +75,7 @@ from kdcore.losses import build
 from kdcore.losses.outputs import Outputs
 from kdcore.losses.policy import StepContext
 from kdcore.losses.schedule import Progress
+from kdcore_lm import term_state
 from kdcore_lm.hf import HFCausalLM, check_vocab, lm_head_of
 
 IGNORE_INDEX = -100
@@ -136,6 +150,12 @@ class KDTrainer(Trainer):
 
     Per-term values are logged as ``loss/<term>`` (each step's mean over its kept tokens)
     and weights as ``weight/<term>``.
+
+    Loss terms with trainable parameters (e.g. ``ctkd``'s temperature) train with the
+    student: a param group of their own in the optimizer KDTrainer creates (a given
+    ``optimizers=(opt, sched)`` cannot hold them and is refused), gradients averaged over
+    the processes (DDP only), their state in ``kdcore_losses.pt`` of every checkpoint and
+    of ``save_model`` (the module docstring).
     """
 
     def __init__(self, model=None, args=None, *, teacher: nn.Module | None = None,
@@ -150,9 +170,6 @@ class KDTrainer(Trainer):
         if getattr(self.batch_policy, "seq_kd", False) is True and teacher is None:
             raise ConfigError("teacher: required by batch_policy.seq_kd = true (the teacher generates the "
                               "completions of the steps the student does not)")
-        if any(p.requires_grad for p in self.objective.modules.parameters()):
-            raise ConfigError("losses: terms with trainable parameters (connectors) are not supported by "
-                              "KDTrainer; use kdcore train")
         if any(t.uses_outputs for t in self.objective.terms):
             raise ConfigError("losses: feature terms (taps) are not supported by KDTrainer; use kdcore train")
         super().__init__(model=model, args=args, **kwargs)
@@ -164,10 +181,17 @@ class KDTrainer(Trainer):
             teacher.to(self.args.device)
         self.objective.modules.to(self.args.device)
         self.vocab_size = self._shared_vocab(vocab_size, vocab_slack)
+        self._materialise_lazy_terms()
+        #: the loss terms' trainable parameters (their own param group; empty: none)
+        self.term_params = [p for p in self.objective.modules.parameters() if p.requires_grad]
+        if self.term_params:
+            self._check_term_training()
+            self.add_callback(term_state.ClearTermGradients(self.term_params))
         self._heads: dict[int, nn.Module] = {}
         self._generators: dict[int, HFCausalLM] = {}
         self._term_sums: dict[str, float] = {}
         self._term_count = 0.0  # the recorded micro-batches' shares of their steps' kept tokens
+        self._steps_per_epoch: int | None = None  # optimizer steps in an epoch, once training has begun
 
     # -- vocabularies ---------------------------------------------------------------------------
     def _shared_vocab(self, vocab_size: int | None, slack: int) -> int | None:
@@ -181,6 +205,103 @@ class KDTrainer(Trainer):
         for r, who in zip(rows, ("the student", "the teacher")):
             check_vocab(r, vocab_size, slack, who)
         return vocab_size
+
+    # -- the loss terms' own parameters ---------------------------------------------------------
+    def _materialise_lazy_terms(self) -> None:
+        """Create the terms' lazy parameters (``ctkd``'s instance MLP, whose input width is
+        the vocabulary's) before the optimizer is built, by running the terms once without
+        learning on one position of zero logits over the shared vocabulary; the random
+        number generators are left as they were."""
+        params = self.objective.modules.parameters()
+        if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
+            return
+        device = self.args.device
+        width = self.vocab_size or _rows_of(self.accelerator.unwrap_model(self.model))
+        logits = Outputs(torch.zeros(1, 1, width, device=device))
+        target = torch.zeros(1, 1, dtype=torch.long, device=device)
+        weights = {t.id: 1.0 for t in self.objective.terms}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            self.objective.losses(logits, logits if self.teacher is not None else None, target, weights)
+        self.objective.modules.to(device)
+
+    def _check_term_training(self) -> None:
+        """Refuse what would train the terms' parameters wrongly: a distribution other than
+        plain data parallelism (their gradients are averaged here, outside the wrapped model)
+        and a given optimizer without them."""
+        shown = term_state.first_names(term_state.parameter_names(self.objective.modules, self.term_params))
+        kind = self.accelerator.distributed_type
+        if not (kind == DistributedType.NO or kind.value.startswith("MULTI_")) or \
+                getattr(self, "is_distributed_loading_by_transformers", False):
+            raise ConfigError(f"losses: terms with trainable parameters ({shown}) are trained by KDTrainer in one "
+                              f"process or under DDP (torchrun) only, not under {kind.value}; use DDP or "
+                              "kdcore train")
+        if self.optimizer is not None:
+            held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            if any(id(p) not in held for p in self.term_params):
+                raise ConfigError(f"optimizers: the given optimizer does not hold the loss terms' trainable "
+                                  f"parameters ({shown}); leave optimizers out (or pass optimizer_cls_and_kwargs) "
+                                  "so that KDTrainer adds them as a param group")
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer with the loss terms' trainable parameters as one more
+        param group (the Trainer's learning rate and ``weight_decay``, as ``kdcore train``
+        gives them the student's), added before the learning-rate schedule is made so that
+        the schedule applies to it too."""
+        optimizer = super().create_optimizer(model)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if self.term_params and not any(id(p) in held for p in self.term_params):
+            optimizer.add_param_group({"params": list(self.term_params), "lr": self.args.learning_rate,
+                                       "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's micro-batch step; after the last micro-batch of an optimizer step
+        the terms' gradients (their sum over the step's micro-batches) are averaged over
+        the processes, once, as DDP averages the student's."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.term_params and self.args.world_size > 1 and self.accelerator.sync_gradients:
+            self._average_term_gradients()
+        return loss
+
+    def _average_term_gradients(self) -> None:
+        """Average the terms' gradients over the processes in one all-reduce."""
+        grads = [p.grad for p in self.term_params if p.grad is not None]
+        if not grads:
+            return
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _clip_grad_norm(self, model):
+        """Clip the student's and the terms' gradients under one global norm, as ``kdcore train``
+        clips every parameter group together; returns the norm before clipping."""
+        if not self.term_params:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *self.term_params], self.args.max_grad_norm)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's model, and beside it the loss terms' state in ``kdcore_losses.pt`` (in
+        every checkpoint, which saves through here, and for the user's final model)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            term_state.save(self.objective.modules, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's model from a checkpoint being resumed, and the terms' state saved with it."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_terms(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's model (``load_best_model_at_end``) and the terms' state saved with it."""
+        super()._load_best_model()
+        self.load_terms(self.state.best_model_checkpoint, key="load_best_model_at_end")
+
+    def load_terms(self, directory: str | Path, key: str = "resume_from_checkpoint") -> None:
+        """Load the loss terms' state from ``directory`` (:func:`kdcore_lm.term_state.load`;
+        ``key``: the setting that chose ``directory``, for messages)."""
+        term_state.load(self.objective.modules, directory, key)
 
     # -- data -----------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -277,12 +398,26 @@ class KDTrainer(Trainer):
             logits = logits[..., :self.vocab_size]
         return Outputs(logits)
 
+    def get_train_dataloader(self):
+        """The Trainer's training loader; its length gives the optimizer steps in an epoch
+        (as the Trainer counts them) for :meth:`progress`."""
+        loader = super().get_train_dataloader()
+        try:
+            batches = len(loader)
+        except TypeError:  # an iterable dataset without a length: the run is one epoch of max_steps
+            batches = 0
+        accumulate = self.args.gradient_accumulation_steps
+        self._steps_per_epoch = max(-(-batches // accumulate), 1) if batches else None
+        return loader
+
     def progress(self) -> Progress:
-        """kdcore's view of where training stands (for the terms' time schedules)."""
+        """kdcore's view of where training stands (for the terms' time schedules): the
+        optimizer steps taken, the steps in an epoch (from the training loader) and the
+        epochs the run's steps make, whether ``num_train_epochs`` or ``max_steps`` bounds it."""
         state = self.state
-        epochs = max(int(math.ceil(self.args.num_train_epochs)), 1)
         total = int(state.max_steps or 0)
-        per_epoch = max(total // epochs, 1) if total else 1
+        per_epoch = self._steps_per_epoch or total or 1
+        epochs = max(-(-total // per_epoch), 1) if total else max(int(math.ceil(self.args.num_train_epochs)), 1)
         epoch = min(int(state.epoch or 0) + 1, epochs) if state.epoch is not None else 1
         return Progress(epoch, int(state.global_step), epochs, per_epoch, total)
 
