@@ -199,13 +199,16 @@ def test_the_store_example_pair_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
-def test_two_ranks_write_the_store_of_one_process(config, tmp_path):
+@pytest.mark.parametrize("flag, kind", [("--top-k", "top_k"), ("--sample", "sample")])
+def test_two_ranks_write_the_store_of_one_process(config, tmp_path, flag, kind):
+    """The shards of a two-rank capture are the bytes of one process's, for the top k and for
+    draws (seeded by sample, whichever rank draws them)."""
     import os
 
-    capture(config, tmp_path / "one", top_k=2, shard_samples=100, quiet=True)
+    capture(config, tmp_path / "one", **{kind: 2}, shard_samples=100, quiet=True)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "kdcore", "capture", str(config),
-                           "--out", str(tmp_path / "two"), "--top-k", "2", "--shard-samples", "100", "--quiet",
+                           "--out", str(tmp_path / "two"), flag, "2", "--shard-samples", "100", "--quiet",
                            "--set", "run.device=cpu"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
