@@ -75,14 +75,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _lone_rank(tmp_path, port: int, *overrides: str) -> subprocess.Popen:
-    """``kdcore train`` as rank 0 of a 2-process job whose rank 1 never starts."""
+def _lone_rank(tmp_path, port: int, *overrides: str, command: str = "train") -> subprocess.Popen:
+    """``kdcore train`` (or ``kdcore capture``, of a teacher never reached) as rank 0 of a
+    2-process job whose rank 1 never starts."""
     path = tmp_path / "t.toml"
-    path.write_text(tomli_w.dumps(runs.teacher_config(epochs=1)))
+    conf = runs.teacher_config(epochs=1)
+    if command == "capture":
+        conf["teacher"] = {"backbone": "mlp", "checkpoint": str(tmp_path / "teacher.pt")}
+    path.write_text(tomli_w.dumps(conf))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     args = [a for o in overrides for a in ("--set", o)]
-    return subprocess.Popen([sys.executable, "-m", "kdcore", "train", str(path), "--out", str(tmp_path / "run"),
+    return subprocess.Popen([sys.executable, "-m", "kdcore", command, str(path), "--out", str(tmp_path / "run"),
                              "--quiet", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -153,8 +157,9 @@ def test_sigterm_ends_a_rank_waiting_for_its_peers(tmp_path):
     assert err == "kdcore: terminated by SIGTERM (a training run continues with --resume)\n"
 
 
-def test_a_rank_whose_peers_never_come_fails_after_the_timeout_key(tmp_path):
-    rank = _lone_rank(tmp_path, _free_port(), "run.dist_timeout_s=2")
+@pytest.mark.parametrize("command", ["train", "capture"])
+def test_a_rank_whose_peers_never_come_fails_after_the_timeout_key(tmp_path, command):
+    rank = _lone_rank(tmp_path, _free_port(), "run.dist_timeout_s=2", command=command)
     _, err = rank.communicate(timeout=120)
     assert rank.returncode == 1
     assert re.fullmatch(r"kdcore: failed: the 2 processes of the job did not all join within "

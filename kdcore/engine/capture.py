@@ -184,7 +184,7 @@ def capture(config: str | Path, out: str | Path, overrides: Iterable[str] = (), 
     run = conf.run
     args = _arguments(config, overrides, top_k, sample, values, batch_size, shard_samples)
     dist = distributed.setup("cuda" if run.device == "cuda" or
-                             (run.device == "auto" and torch.cuda.is_available()) else "cpu")
+                             (run.device == "auto" and torch.cuda.is_available()) else "cpu", run.dist_timeout_s)
     try:
         return _capture(conf, tc, Path(out), registry, dist, (top_k, sample), values, batch_size, shard_samples,
                         quiet, args)
