@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import torch
+from kdcore.common import atomic_torch_save
+from kdcore.common.errors import ConfigError
 
 
-def export(path: str, out: str, dtype: str = "auto") -> int:
-    """Save ``{"model": state_dict}`` of the ``hf`` backbone loaded from ``path``; returns the tensor count."""
+def export(path: str, out: str, dtype: str = "auto", overwrite: bool = False) -> int:
+    """Save ``{"model": state_dict}`` of the ``hf`` backbone loaded from ``path`` to ``out``,
+    atomically; an existing ``out`` is replaced only with ``overwrite``. Returns the tensor count."""
     from kdcore_lm.hf import hf
 
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise ConfigError(f"out: {out} exists; choose another file, or pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise ConfigError(f"out: the directory {target.parent} does not exist; create it first")
     model = hf(path=path, dtype=dtype, check_head=False)
     state = model.state_dict()
-    torch.save({"model": state}, out)
+    atomic_torch_save({"model": state}, target)
     return len(state)
 
 
@@ -34,11 +42,10 @@ def main(argv=None) -> int:
     parser.add_argument("path", help="a local transformers model directory")
     parser.add_argument("out", help="the checkpoint file to write (.pt)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the saved one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint file")
     args = parser.parse_args(argv)
-    from kdcore.common.errors import ConfigError
-
     try:
-        n = export(args.path, args.out, args.dtype)
+        n = export(args.path, args.out, args.dtype, args.overwrite)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -141,13 +141,22 @@ def test_example_configs_run_shortened(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "runs")
 
 
-def test_teacher_from_a_local_directory(teacher, tmp_path):
+def test_teacher_from_a_local_directory(teacher, tmp_path, capsys):
     from kdcore_lm.export import main as export_main
 
     trained, _ = rebuild(TEACHER, teacher[0])
     trained.model.save_pretrained(tmp_path / "teacher_dir")
     assert export_main([str(tmp_path / "teacher_dir"), str(tmp_path / "teacher.pt")]) == 0
     assert export_main([str(tmp_path / "nowhere"), str(tmp_path / "x.pt")]) == 2
+    written = (tmp_path / "teacher.pt").read_bytes()
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "teacher_dir"), str(tmp_path / "teacher.pt")]) == 2  # never replaced silently
+    assert capsys.readouterr().err == (f"error: out: {tmp_path / 'teacher.pt'} exists; choose another file, or pass "
+                                       "--overwrite to replace it\n")
+    assert (tmp_path / "teacher.pt").read_bytes() == written
+    assert export_main([str(tmp_path / "teacher_dir"), str(tmp_path / "teacher.pt"), "--overwrite"]) == 0
+    assert export_main([str(tmp_path / "teacher_dir"), str(tmp_path / "no" / "t.pt")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
     conf = student_config(str(tmp_path / "teacher.pt"), epochs=1)
     conf["teacher"] = {"backbone": "hf", "path": str(tmp_path / "teacher_dir"), "checkpoint": str(tmp_path / "teacher.pt")}
     summary = kdcore.train(conf, tmp_path / "run", quiet=True)
