@@ -30,8 +30,9 @@ _spec.loader.exec_module(runs)
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    """The weights, the logged step losses (ranks keep different numbers of labelled rows:
-    a third of the rows are unlabelled) and one ``done:`` line, from rank 0 only."""
+    """The weights, the logged step losses and the epochs' means of them (ranks keep
+    different numbers of labelled rows: a third of the rows are unlabelled) and one
+    ``done:`` line, from rank 0 only."""
     kdcore.train(runs.teacher_config(epochs=1), tmp_path / "t", quiet=True)
     conf = runs.student_config(str(tmp_path / "t" / "checkpoints" / "best.pt"), epochs=2, device="cpu",
                                log_every=1)
@@ -55,6 +56,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert a.keys() == b.keys() and a["step"] == b["step"]
         for k in (k for k in a if k.startswith("loss/")):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    epochs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(epochs[0]) == len(epochs[1]) == 2
+    for a, b in zip(*epochs):  # the epoch's means of the steps' values on the whole batch
+        for k in (k for k in a if k.startswith("loss/")):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["epoch"], k)
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
     assert one["step"] == two["step"]

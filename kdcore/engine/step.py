@@ -85,6 +85,7 @@ class Step:
             if isinstance(t.loss, nn.Module) and (ps := gradients.trainable(t.loss.parameters()))}}
         self.guard = gradients.FiniteGuard(runtime.device, [t.id for t in objective.terms], list(self.grad_groups))
         self.batch: Batch | None = None  # the last step's batch, after the batch policy
+        self.rank_weight: Tensor | None = None  # see _accumulated_step and _rank_part
 
     @property
     def dist(self) -> Dist:
@@ -109,10 +110,18 @@ class Step:
                 coefs = {k: w * float(c.get(k, 1.0)) for k, w in weights.items()}
             losses, total = self._accumulated_step(batch, coefs, index)
             if meter is not None:
-                meter.add({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
+                meter.add(self._rank_part({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total}))
         self.guard.observe(index, losses, total)
         self.batch = batch  # what the losses average over (the loop weighs ranks by its kept positions)
         return losses
+
+    def _rank_part(self, values: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """This rank's step values weighted by its share of the step's kept positions (times
+        the world size), so that the mean over ranks the epoch's record takes is the step's
+        value on the whole batch, as one process computes it (no synchronisation here)."""
+        if not self.dist.enabled or self.rank_weight is None:
+            return values
+        return {k: v * self.rank_weight for k, v in values.items()}
 
     def _no_sync(self, last: bool):
         """Skip the gradient all-reduce on all micro-batches but the last."""
@@ -129,6 +138,8 @@ class Step:
         active = self.objective.active(coefs)
         micros = batch.split(self.accumulate)
         factors = micro_weights(micros, self.dist)
+        #: this rank's kept positions * world / the step's on all ranks (None: one micro-batch, one process)
+        self.rank_weight = None if factors is None else torch.stack(factors).sum()
         shares = local_shares(micros)
         self.optimizer.zero_grad(set_to_none=True)
         if self.buffer_sync:
