@@ -1,9 +1,12 @@
 """Shared by the kdcore-lm tests (imported by file path): a tokenizer built here (never
-downloaded), tiny configs, JSONL writing."""
+downloaded), tiny configs, JSONL writing, KDTrainer's dataset and arguments for runs
+compared with ``kdcore train``."""
 
 from __future__ import annotations
 
 import json
+
+import torch
 
 
 WORDS = ("the a cat dog sat ran on mat park is big small red blue what where who why how answer question "
@@ -56,3 +59,31 @@ def train_teacher(out, data: dict, model: dict) -> str:
             "optim": {"name": "adamw", "lr": 1e-2}, "loss": [{"name": "ce"}]}
     kdcore.train(conf, out, quiet=True)
     return str(out / "checkpoints" / "best.pt")
+
+
+class TrainerRows(torch.utils.data.Dataset):
+    """Hugging Face samples in order: each input column (``input_ids``, ``attention_mask``
+    where given) and kdcore's shifted ``target``."""
+
+    def __init__(self, inputs: dict, target):
+        self.inputs, self.target = inputs, target
+
+    def __len__(self):
+        return len(self.target)
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.inputs.items()}, "target": self.target[i]}
+
+
+def trainer_args(out, *, batch: int, accumulate: int, steps: int, seed: int, **kw):
+    """``TrainingArguments`` of a kdcore run with ``run.batch_size = batch``, ``run.accumulate``,
+    ``run.max_steps = steps`` and ``run.seed``: AdamW at a constant rate of 5e-3 without
+    weight decay, on the CPU, the batches in order, every step logged, nothing saved;
+    ``kw`` replaces any of these."""
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(out), per_device_train_batch_size=batch // accumulate,
+                gradient_accumulation_steps=accumulate, max_steps=steps, learning_rate=5e-3, weight_decay=0.0,
+                lr_scheduler_type="constant", optim="adamw_torch", seed=seed, use_cpu=True, report_to="none",
+                save_strategy="no", logging_steps=1, disable_tqdm=True, train_sampling_strategy="sequential")
+    return TrainingArguments(**{**base, **kw})

@@ -73,29 +73,13 @@ def recorded(monkeypatch):
     return calls
 
 
-class Rows(torch.utils.data.Dataset):
-    """Hugging Face samples (``input_ids``, ``attention_mask`` where given, ``target``), in order."""
-
-    def __init__(self, inputs, target):
-        self.inputs, self.target = inputs, target
-
-    def __len__(self):
-        return len(self.target)
-
-    def __getitem__(self, i):
-        return {**{k: v[i] for k, v in self.inputs.items()}, "target": self.target[i]}
+Rows = H.TrainerRows
 
 
 def _args(out, **kw):
     """Trainer arguments of the kdcore run: AdamW at a constant rate, no clipping, the same seed."""
-    from transformers import TrainingArguments
-
-    base = dict(output_dir=str(out), per_device_train_batch_size=BATCH // ACCUMULATE,
-                gradient_accumulation_steps=ACCUMULATE, max_steps=STEPS, learning_rate=5e-3, weight_decay=0.0,
-                lr_scheduler_type="constant", max_grad_norm=0.0, optim="adamw_torch", seed=SEED, use_cpu=True,
-                report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                train_sampling_strategy="sequential")
-    return TrainingArguments(**{**base, **kw})
+    return H.trainer_args(out, batch=BATCH, accumulate=ACCUMULATE, steps=STEPS, seed=SEED,
+                          **{"max_grad_norm": 0.0, **kw})
 
 
 def _models(ckpt, policy, data=None):

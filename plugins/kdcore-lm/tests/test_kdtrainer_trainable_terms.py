@@ -9,6 +9,7 @@ Run as a script under torchrun (``main``), it is the 2-process side of the DDP t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,6 +27,10 @@ from kdcore.engine import build_trainer
 from kdcore.engine.step import Step
 from kdcore_lm import KDTrainer
 from kdcore_lm.term_state import TERMS_FILE
+
+_spec = importlib.util.spec_from_file_location("helpers_lm", Path(__file__).with_name("helpers_lm.py"))
+H = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(H)
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 V, T = 48, 12
@@ -63,30 +68,11 @@ def _conf(ckpt, ctkd=CTKD):
             "loss": losses(ctkd)}
 
 
-class Rows(torch.utils.data.Dataset):
-    """Samples of ``input_ids`` and kdcore's shifted ``target``, in order."""
-
-    def __init__(self, ids, target):
-        self.ids, self.target = ids, target
-
-    def __len__(self):
-        return len(self.target)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "target": self.target[i]}
-
-
 def _args(out, **kw):
     """Trainer arguments of the kdcore run: AdamW at a constant rate, the global norm clipped
     at 0.5, one epoch of STEPS steps, the same seed, the batches in order."""
-    from transformers import TrainingArguments
-
-    base = dict(output_dir=str(out), per_device_train_batch_size=BATCH // ACCUMULATE,
-                gradient_accumulation_steps=ACCUMULATE, max_steps=STEPS, num_train_epochs=1, learning_rate=5e-3,
-                weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.5, optim="adamw_torch", seed=SEED,
-                use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                train_sampling_strategy="sequential")
-    return TrainingArguments(**{**base, **kw})
+    return H.trainer_args(out, batch=BATCH, accumulate=ACCUMULATE, steps=STEPS, seed=SEED,
+                          **{"max_grad_norm": 0.5, "num_train_epochs": 1, **kw})
 
 
 def _models(ckpt, ctkd=CTKD):
@@ -111,7 +97,7 @@ def engine_run(teacher_ckpt, tmp_path_factory):
         kdcore.train(_conf(teacher_ckpt), out, quiet=True)
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    data = Rows(torch.cat([ids for ids, _ in seen]), torch.cat([target for _, target in seen]))
+    data = H.TrainerRows({"input_ids": torch.cat([ids for ids, _ in seen])}, torch.cat([t for _, t in seen]))
     return data, steps, last
 
 
@@ -155,7 +141,7 @@ def test_progress_counts_the_loaders_steps_per_epoch_under_max_steps(teacher_ckp
     ``num_train_epochs`` says: 3 copies of the data make an epoch longer than STEPS steps,
     so STEPS steps are one epoch."""
     data, _, _ = engine_run
-    tripled = Rows(data.ids.repeat(3, 1), data.target.repeat(3, 1))
+    tripled = H.TrainerRows({"input_ids": data.inputs["input_ids"].repeat(3, 1)}, data.target.repeat(3, 1))
     student, teacher = _models(teacher_ckpt)
     trainer = KDTrainer(model=student, teacher=teacher, losses=losses(), train_dataset=tripled,
                         args=_args(tmp_path / "hf", num_train_epochs=epochs_arg))
@@ -366,7 +352,7 @@ def _ddp_trainer(out, world: int) -> KDTrainer:
     target = torch.cat([ids[:, 1:], torch.full((len(ids), 1), -100)], 1)
     target[torch.arange(len(ids)) % 3 == 0, :5] = -100  # unequal kept tokens per row and per process
     return KDTrainer(model=student, teacher=teacher, losses=losses({**CTKD, "epochs": 3}),
-                     train_dataset=Rows(ids, target),
+                     train_dataset=H.TrainerRows({"input_ids": ids}, target),
                      args=_args(out, per_device_train_batch_size=8 // world // 2, gradient_accumulation_steps=2,
                                 max_steps=DDP_STEPS, ddp_backend="gloo" if world > 1 else None))
 
