@@ -455,8 +455,20 @@ class KDTrainer(Trainer):
         self._term_count += share
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._term_count and "loss" in logs:
-            logs.update({k: v / self._term_count for k, v in self._term_sums.items()})
+        """The Trainer's training log (every process calls it at the same step) with the
+        terms' values and weights since the last one: their means over the kept tokens of
+        every process (each micro-batch's share is of its whole step's kept tokens, so the
+        processes' sums add up to the global mean)."""
+        if "loss" in logs:
+            sums, count = self._term_sums, self._term_count
+            if self.args.world_size > 1:
+                names = sorted(sums)  # the same terms, in the same order, on every process
+                values = torch.tensor([*(sums[k] for k in names), count], dtype=torch.float64,
+                                      device=self.args.device)
+                values = self.accelerator.reduce(values, reduction="sum").tolist()
+                sums, count = dict(zip(names, values[:-1])), values[-1]
+            if count:
+                logs.update({k: v / count for k, v in sums.items()})
             self._term_sums, self._term_count = {}, 0.0
         super().log(logs, *args, **kwargs)
 

@@ -358,10 +358,12 @@ def _ddp_trainer(out, world: int) -> KDTrainer:
 
 
 def main(argv: list[str]) -> None:
-    """The 2-process side: train, then save the model and the terms into ``argv[0]``."""
+    """The 2-process side: train, then save the model, the terms and the log into ``argv[0]``."""
     trainer = _ddp_trainer(argv[0], int(os.environ["WORLD_SIZE"]))
     trainer.train()
     trainer.save_model(argv[0])
+    if trainer.args.process_index == 0:
+        (Path(argv[0]) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not installed")
@@ -378,6 +380,14 @@ def test_two_gloo_processes_end_with_the_terms_of_one(tmp_path):
     torch.testing.assert_close(two["kd.transform_modules.0.raw"], mine["kd.transform_modules.0.raw"],
                                rtol=1e-5, atol=1e-6)
     assert abs(float(_tau(mine)) - before) > 1e-3  # the temperature trained
+    # the logged term values are the global step's, not process 0's (which keeps other token counts)
+    logged = [{k: h[k] for k in ("step", "loss/ce", "loss/kd", "weight/kd")} for h in one.state.log_history
+              if "loss/kd" in h]
+    logged_two = [h for h in json.loads((tmp_path / "two" / "log_history.json").read_text()) if "loss/kd" in h]
+    assert [h["step"] for h in logged] == [h["step"] for h in logged_two] == list(range(1, DDP_STEPS + 1))
+    for a, b in zip(logged, logged_two):
+        for k in ("loss/ce", "loss/kd", "weight/kd"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)  # as the weights (float drift)
     from safetensors.torch import load_file
 
     weights = load_file(tmp_path / "two" / "model.safetensors")
