@@ -87,3 +87,15 @@ def trainer_args(out, *, batch: int, accumulate: int, steps: int, seed: int, **k
                 lr_scheduler_type="constant", optim="adamw_torch", seed=seed, use_cpu=True, report_to="none",
                 save_strategy="no", logging_steps=1, disable_tqdm=True, train_sampling_strategy="sequential")
     return TrainingArguments(**{**base, **kw})
+
+
+def random_teacher(directory, vocab: int, length: int, config: dict) -> str:
+    """A kdcore ``hf`` teacher with random weights (seed 0) saved as a checkpoint in
+    ``directory``; its path."""
+    import kdcore
+
+    torch.manual_seed(0)
+    teacher = kdcore.create("backbone", "hf", num_classes=vocab, in_features=length, config=dict(config))
+    path = directory / "teacher.pt"
+    torch.save({"model": teacher.state_dict()}, path)
+    return str(path)

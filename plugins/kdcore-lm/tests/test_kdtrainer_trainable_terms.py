@@ -51,11 +51,7 @@ def losses(ctkd=CTKD):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     """A teacher with random weights, saved as a kdcore checkpoint."""
-    torch.manual_seed(0)
-    teacher = kdcore.create("backbone", "hf", num_classes=V, in_features=T, config=dict(TEACHER))
-    path = tmp_path_factory.mktemp("kdt_terms_teacher") / "teacher.pt"
-    torch.save({"model": teacher.state_dict()}, path)
-    return str(path)
+    return H.random_teacher(tmp_path_factory.mktemp("kdt_terms_teacher"), V, T, TEACHER)
 
 
 def _conf(ckpt, ctkd=CTKD):
