@@ -185,6 +185,22 @@ def test_token_level_top_k_store_tail_and_training(lm_config, tmp_path):
     assert all(math.isfinite(v) for k, v in summary["final"].items() if k.startswith("loss/"))
 
 
+def test_a_term_over_all_rows_is_refused_against_a_store_without_the_ignored_positions(lm_config, tmp_path,
+                                                                                         capsys):
+    """A token-level store leaves out the positions whose target is -100; a term with
+    ``rows = "all"`` would train there on placeholders, so the run is refused (exit 2)."""
+    path, conf, _ = lm_config
+    capture(path, tmp_path / "store", top_k=5, quiet=True)
+    stored = copy.deepcopy(conf)
+    stored["teacher"] = {"source": "store", "store": str(tmp_path / "store")}
+    stored["loss"] = [{"name": "ce"}, {"name": "kd", "rows": "all"}]
+    code, err = runs.cli(capsys, "train", str(runs.write(tmp_path / "all.toml", stored)), "--out", str(tmp_path / "r"))
+    assert (code, runs.one_line(err)) == (
+        2, f"kdcore: error: loss[1].rows: 'all' trains at positions whose target is -100, which teacher.store "
+           f"{tmp_path / 'store'} does not hold (kdcore capture leaves them out); train with the running teacher "
+           "(source = \"model\") or with rows = \"labelled\"")
+
+
 def test_the_store_example_pair_runs(tmp_path, monkeypatch):
     """examples/store_kd.toml from a capture of examples/kd.toml (shortened) equals examples/kd.toml."""
     examples = Path(__file__).resolve().parent.parent / "examples"

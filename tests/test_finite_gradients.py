@@ -162,3 +162,40 @@ def test_eager_guard_prefers_the_loss_of_the_same_step():
         guard.observe(1, {"ce": torch.tensor(float("nan"))}, torch.tensor(float("nan")))
     guard.observe_gradients(2, torch.tensor([1.0]))
     guard.observe(2, {"ce": torch.tensor(1.0)}, torch.tensor(1.0))  # the earlier record is gone
+
+
+def test_average_gradients_takes_part_alike_on_every_process_whatever_its_gradients():
+    """Two processes simulated by hand: each sends one tensor of the same length, whether it
+    has a gradient for a parameter or not (a missing one counts as zero); a parameter no
+    process has a gradient for keeps none."""
+    from kdcore.engine import average_gradients
+
+    def process(grads):
+        params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)),
+                  torch.nn.Parameter(torch.zeros(1))]
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        return params
+
+    g = torch.Generator().manual_seed(0)
+    a0, a1, b0 = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(4, generator=g)
+    ranks = [process([a0, b0, None]), process([a1, None, None])]
+    sent = []  # what each process hands the collective
+
+    flats = []  # what each should send, built by hand; the collective answers with their mean
+    for rank, params in enumerate(ranks):
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        flats.append(torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                  for p in params), present]))
+    both = (flats[0] + flats[1]) / 2
+    for rank, params in enumerate(ranks):
+        average_gradients(params, lambda t, rank=rank: (sent.append((rank, t.clone())), both)[1])
+        torch.testing.assert_close(params[0].grad, (a0 + a1) / 2)
+        torch.testing.assert_close(params[1].grad, b0 / 2)
+        assert params[2].grad is None
+    assert sent[0][1].shape == sent[1][1].shape  # the same collective on both
+    torch.testing.assert_close(sent[0][1], flats[0])
+    torch.testing.assert_close(sent[1][1], flats[1])
+    one = process([a0, None, None])
+    average_gradients(one, None)  # one process: nothing to do
+    assert torch.equal(one[0].grad, a0) and one[1].grad is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -403,3 +404,32 @@ def test_a_term_infinite_on_draws_is_refused(pristine, tmp_path, capsys):
                                              "ids, e.g. for a reverse KL); use a top-k store (kdcore capture --top-k) "
                                              "or the running teacher")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_trainable_transform_with_a_lazy_parameter_trains_from_draws(pristine, tmp_path):
+    """The check for terms infinite on draws probes a copy of the loss: ctkd's per-instance
+    MLP (a lazy layer) still takes its width from the run's inputs, and the run trains."""
+    conf = runs.student_config("unused", epochs=1)
+    conf["teacher"] = {"source": "store", "store": str(pristine)}
+    conf["loss"] = [{"name": "ce"}, {"name": "kd", "temperature": 1.0,
+                                     "transforms": [{"name": "ctkd", "mode": "instance", "hidden": 4}]}]
+    with pytest.warns(UserWarning, match="draws"):
+        out = kdcore.train(conf, tmp_path / "run", quiet=True)
+    assert math.isfinite(out["final"]["loss/kd"])
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["losses"]
+    first = next(v for k, v in last.items() if k.endswith("weight") and v.dim() == 2)
+    assert first.shape[1] == 2 * (K + 1)  # the two sides over the store's K + 1 buckets (not the probe's)
+
+
+def test_a_capture_continues_a_store_in_the_format_its_manifest_says(pristine, tmp_path):
+    """Whether positions whose target is -100 are left out is the manifest's value, not the
+    presence of its key: a version-1 store being finished says false there, and stays so."""
+    from kdcore.engine.capture_resume import drops_ignored
+
+    assert drops_ignored(tmp_path / "new")  # no store yet: the current format
+    root = tmp_path / "store"
+    shutil.copytree(pristine, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for value in (False, True):
+        (root / "manifest.json").write_text(json.dumps({**manifest, store.DROPS: value}))
+        assert drops_ignored(root) is value

@@ -1,16 +1,18 @@
 """The training engine: ``train`` (the Python API behind ``kdcore train``), :class:`Trainer`,
 and what plugins and programs build from a config without a run: :func:`build_model`,
-:func:`build_objective`.
+:func:`build_objective`, and for trainers other than kdcore's, :func:`average_gradients`
+(the loss terms' gradients over processes).
 
 The engine's modules, each one concern (docs/architecture.md): ``runtime`` (the
 process: ranks, device, numerics), ``models`` (data and models), ``objective``
 (the loss terms and their weighting), ``teacher_source`` (model, cache or store),
 ``batches``, ``taps``, ``forward``, ``step`` (one optimizer step), ``gradients``,
-``optim``, ``evaluate``, ``teacher_eval`` (the teachers' evaluation, kept across runs),
+``teachers`` (which teacher each term uses), ``teacher_cache``,
+``optim``, ``evaluate``, ``teacher_eval`` (the teachers' evaluation, kept across runs), ``best``,
 ``loop`` (epochs, logging, the summary), ``checkpoints``,
 ``checkpoint_file`` (reading a checkpoint file safely), ``rundir`` (the run's directory
 and lock), ``logs`` (``metrics.jsonl``, ``steps.jsonl``, TensorBoard), ``distributed``,
-``capture`` (``kdcore capture``), ``meter``, ``memory`` and ``allocator``.
+``capture`` and ``capture_resume`` (``kdcore capture``), ``meter``, ``memory`` and ``allocator``.
 
 Layer 4: imports every layer below (common, plugins, losses, data, signals, config); never the CLI.
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 from kdcore import config as cfg
 from kdcore.engine.checkpoints import check_resume, load_checkpoint
+from kdcore.engine.gradients import average_gradients
 from kdcore.engine.models import build_model
 from kdcore.engine.objective import Objective
 from kdcore.engine.rundir import RunDir, check_out
@@ -95,4 +98,5 @@ def train(config: str | Path | Mapping[str, Any] | cfg.Config, out_dir: str | Pa
         distributed.teardown(job)
 
 
-__all__ = ["Trainer", "build_trainer", "train", "build_model", "build_objective", "Objective", "default_out_dir"]
+__all__ = ["Trainer", "build_trainer", "train", "build_model", "build_objective", "Objective", "default_out_dir",
+           "average_gradients"]

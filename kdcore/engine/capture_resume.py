@@ -76,7 +76,7 @@ def drops_ignored(root: Path) -> bool:
     yes, unless ``root`` holds a store written before that (every position stored), which a
     capture finishes or repairs in its own format."""
     existing = store.read_manifest(root, "--out") if (root / store.MANIFEST).is_file() else None
-    return existing is None or store.DROPS in existing
+    return existing is None or bool(existing.get(store.DROPS))
 
 
 def start(root: Path, manifest: dict[str, Any], quiet: bool) -> None:

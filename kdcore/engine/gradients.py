@@ -9,7 +9,7 @@ Each piece is a plain function or a small class, read and tested alone;
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,18 +22,30 @@ def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
-def average_gradients(params: Sequence[nn.Parameter], dist: Dist) -> None:
+def average_gradients(params: Sequence[nn.Parameter], mean: Callable[[Tensor], Tensor] | None) -> None:
     """Average the gradients of parameters that DDP/FSDP do not manage (the loss
-    terms' connectors) over the ranks, in one all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not dist.enabled or not grads:
+    terms' connectors and trainable transforms) over the processes, in one
+    collective, ``mean`` (a tensor's mean over the processes; None: one process).
+
+    Every process takes part with the same tensor whatever its gradients: a
+    gradient a process does not have (its loss did not reach the parameter: a
+    term whose rows there were all ignored) counts as zero, and a parameter no
+    process has a gradient for keeps none (the optimizer skips it, as in one
+    process)."""
+    if mean is None or not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = dist.mean(flat)
+    present = torch.tensor([p.grad is not None for p in params], dtype=params[0].dtype, device=params[0].device)
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    flat = mean(torch.cat([*parts, present]))
+    anywhere = None if bool(present.all()) else (flat[-len(params):] > 0).tolist()  # read only where needed
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for i, p in enumerate(params):
+        value = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is not None:
+            p.grad.copy_(value)
+        elif anywhere[i]:
+            p.grad = value.clone()
 
 
 def own_gradients(terms, weighted: Mapping[str, Tensor]) -> list[tuple[str, list[nn.Parameter], tuple]]:

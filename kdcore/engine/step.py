@@ -173,7 +173,7 @@ class Step:
 
     def _update(self, index: int) -> None:
         """Synchronise what DDP/FSDP do not, clip, and take the optimizer step."""
-        gradients.average_gradients(self.term_params, self.dist)
+        gradients.average_gradients(self.term_params, self.dist.mean if self.dist.enabled else None)
         clip = self.clip
         if clip and self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

@@ -143,9 +143,9 @@ class CachedTeacher:
             return Outputs(value, index=batch.index)
         out = self.model(batch, inputs, taps)
         if out.known is not None:
-            raise ConfigError("teacher.cache: the teacher's outputs hold only some positions (a teacher with "
-                              "another tokenizer, backbone cross_tokenizer), which the cache does not keep; "
-                              "set teacher.cache = false")
+            raise ConfigError(f"{self.section}.cache: the teacher's outputs hold only some positions (a teacher "
+                              "with another tokenizer, backbone cross_tokenizer), which the cache does not keep; "
+                              f"set {self.section}.cache = false")
         keep_hidden = out.projectable and not out.has_logits
         value = out.hidden if keep_hidden else out.logits
         if self.rows is None:

@@ -17,6 +17,7 @@ the teacher's features or a batch policy replaces the inputs.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -117,16 +118,21 @@ class StoreTeacher:
 
 def _infinite_on_draws(term) -> bool:
     """Whether ``term``'s loss is infinite (or NaN) against a sampled teacher, whose mass off the
-    drawn ids is 0 (a reverse KL is): probed on two positions of four classes. A loss that cannot
-    be probed so (it takes :class:`kdcore.Outputs`, or raises) counts as finite."""
+    drawn ids is 0 (a reverse KL is): probed on two positions of four classes, with a copy of the
+    loss on the CPU (the probe must not shape a lazy parameter, such as ``ctkd``'s instance MLP,
+    nor meet parameters on another device). A loss that cannot be probed so (it takes
+    :class:`kdcore.Outputs`, or raises) counts as finite."""
     if term.uses_outputs:
         return False
     draws = torch.tensor([[0, 0, 1], [2, 2, 2]])
     teacher = TopKOutputs(draws, draw_weights(draws), torch.full((2,), float("-inf")), sampled=True)
     student = Outputs(torch.tensor([[0.5, -1.0, 0.0, 2.0], [0.0, 1.0, -0.5, 0.3]]))
     try:
+        loss = copy.deepcopy(term.loss)
+        if isinstance(loss, nn.Module):
+            loss = loss.cpu()
         with torch.no_grad():
-            value = bucket_loss(term.loss, student, teacher, torch.tensor([1, 2]))
+            value = bucket_loss(loss, student, teacher, torch.tensor([1, 2]))
     except Exception:  # noqa: BLE001 (the run itself reports what a loss raises)
         return False
     return isinstance(value, Tensor) and not bool(torch.isfinite(value).all())
@@ -149,6 +155,19 @@ def check_sampled_terms(reader: store.StoreReader, terms: Sequence, where: str) 
         warnings.warn(f"{where}: {reader.root} holds draws from the teacher (kdcore capture --sample), whose "
                       f"gradient is unbiased only for kd at temperature 1; {', '.join(biased)} trains on an "
                       "approximation (docs/signals.md)", stacklevel=2)
+
+
+def check_all_rows_stored(reader: store.StoreReader, terms: Sequence, where: str) -> None:
+    """Refuse a term over every row (``rows = "all"``) against a store that leaves out the
+    positions whose target is -100 (``drops_ignored``): the term would train there on the
+    placeholder a read gives for them, not on the teacher. ``where``: the store's key path."""
+    if not reader.manifest.get(store.DROPS):
+        return
+    for term in terms:
+        if term.rows == "all":
+            raise ConfigError(f"{term.path}.rows: 'all' trains at positions whose target is -100, which {where} "
+                              f"{reader.root} does not hold (kdcore capture leaves them out); train with the "
+                              "running teacher (source = \"model\") or with rows = \"labelled\"")
 
 
 def run_with(source, forward: nn.Module) -> None:
@@ -195,7 +214,9 @@ def build(config: Config, data: DataSplits, objective: Objective, teacher: nn.Mo
             if _uses(term, name, config):
                 check_transforms(term.loss, term.path)
         reader = open_store(config, data, name=name)
-        check_sampled_terms(reader, [t for t in objective.terms if _uses(t, name, config)], f"{section}.store")
+        users = [t for t in objective.terms if _uses(t, name, config)]
+        check_sampled_terms(reader, users, f"{section}.store")
+        check_all_rows_stored(reader, users, f"{section}.store")
         return StoreTeacher(reader, device, f"{section}.store")
     model = ModelTeacher(teacher, forward)
     if not tc.signals.cache:

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from kdcore.common.errors import ConfigError
-from kdcore.engine import build_objective
+from kdcore.engine import average_gradients, build_objective
 from kdcore.losses import build
 from kdcore.losses.outputs import Outputs
 from kdcore.losses.policy import StepContext
@@ -260,19 +260,8 @@ class KDTrainer(Trainer):
         the processes, once, as DDP averages the student's."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.term_params and self.args.world_size > 1 and self.accelerator.sync_gradients:
-            self._average_term_gradients()
+            average_gradients(self.term_params, lambda t: self.accelerator.reduce(t, reduction="mean"))
         return loss
-
-    def _average_term_gradients(self) -> None:
-        """Average the terms' gradients over the processes in one all-reduce."""
-        grads = [p.grad for p in self.term_params if p.grad is not None]
-        if not grads:
-            return
-        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def _clip_grad_norm(self, model):
         """Clip the student's and the terms' gradients under one global norm, as ``kdcore train``
