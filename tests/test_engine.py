@@ -173,8 +173,9 @@ def test_compile_wraps_student_and_teacher(tmp_path, teacher_ckpt, monkeypatch):
 
 
 def test_evaluate_reports_nll_and_the_teachers_agreement(tmp_path):
-    """evaluate: mean NLL over the split against a float64 reference, and with
-    agreement=True the share of samples where student and teacher agree on top-1."""
+    """evaluate: mean NLL over the split against a float64 reference, and given the
+    teacher's top-1 predictions (evaluate_top1) the share of samples where student and
+    teacher agree on top-1."""
     import torch
 
     import kdcore
@@ -188,7 +189,10 @@ def test_evaluate_reports_nll_and_the_teachers_agreement(tmp_path):
             "loss": [{"name": "ce"}, {"name": "kd"}]}
     trainer = build_trainer(conf, None, quiet=True)
     test = trainer.data.test
-    got = trainer.evaluate(test, "test", agreement=True)
+    from kdcore.engine.evaluate import evaluate_top1
+
+    _, top1 = evaluate_top1(trainer.teacher, test, "t", trainer.runtime, batch_size=trainer.config.run.eval_batch_size)
+    got = trainer.evaluate(test, "test", references={"test_agreement": top1})
     x, y = test.inputs, test.targets
     with torch.no_grad():
         trainer.student.eval(), trainer.teacher.eval()

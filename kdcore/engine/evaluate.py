@@ -1,7 +1,7 @@
 """Evaluation: accuracy, NLL (and perplexity on sequences), distances to the true
-distribution where the data know it, and top-1 agreement with the teacher (run
-alongside, or given as its top-1 predictions: :func:`evaluate_top1` returns a
-model's, in the order of this rank's evaluation batches)."""
+distribution where the data know it, and top-1 agreement with a teacher, given as
+its top-1 predictions (:func:`evaluate_top1` returns a model's, in the order of this
+rank's evaluation batches; the teacher-evaluation cache keeps them)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from kdcore.losses.functional import IGNORE_INDEX
 
 
 def evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, *, batch_size: int, num_workers: int = 0,
-             teacher: nn.Module | None = None, references: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+             references: Mapping[str, Tensor] | None = None) -> dict[str, float]:
     """Accuracy and mean negative log-likelihood of ``model`` over the kept positions of
-    ``split`` (token-level for sequences, with the perplexity ``exp(nll)``), the distances
-    to the Bayes posterior where the data know it, and, given a ``teacher``, the top-1
-    agreement with it; keys ``{prefix}_acc``, ``{prefix}_nll``, ... (summed over ranks).
-    ``references`` maps a result key to another model's :func:`evaluate_top1` predictions
-    on the same split and batch size: the key gets the top-1 agreement with them."""
-    return _evaluate(model, split, prefix, runtime, batch_size, num_workers, teacher, references or {}, False,
-                     None)[0]
+    ``split`` (token-level for sequences, with the perplexity ``exp(nll)``) and the distances
+    to the Bayes posterior where the data know it; keys ``{prefix}_acc``, ``{prefix}_nll``,
+    ... (summed over ranks). ``references`` maps a result key to another model's (a
+    teacher's) :func:`evaluate_top1` predictions on the same split and batch size: the key
+    gets the top-1 agreement with them."""
+    return _evaluate(model, split, prefix, runtime, batch_size, num_workers, references or {}, False, None)[0]
 
 
 def evaluate_top1(model: nn.Module, split, prefix: str, runtime: Runtime, *, batch_size: int,
@@ -36,12 +35,12 @@ def evaluate_top1(model: nn.Module, split, prefix: str, runtime: Runtime, *, bat
     later without running it again (the teacher-evaluation cache). ``({}, None)`` where
     ``classes`` is given and the model's logits have another width (a teacher over its
     own vocabulary, whose predictions the data's labels cannot score)."""
-    return _evaluate(model, split, prefix, runtime, batch_size, num_workers, None, {}, True, classes)
+    return _evaluate(model, split, prefix, runtime, batch_size, num_workers, {}, True, classes)
 
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, batch_size: int, num_workers: int,
-              teacher: nn.Module | None, references: Mapping[str, Tensor],
+              references: Mapping[str, Tensor],
               collect: bool, classes: int | None) -> tuple[dict[str, float], Tensor | None]:
     """The pass of :func:`evaluate` and :func:`evaluate_top1`. Positions a model's
     :class:`kdcore.Outputs` mark as unknown (``known`` False) are not scored."""
@@ -50,7 +49,7 @@ def _evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, batch_size
     was_training = model.training
     model.eval()
     device = runtime.device
-    sums = torch.zeros(7, dtype=torch.float64, device=device)  # correct, n, tv, l2, kl, nll, agree
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # correct, n, tv, l2, kl, nll
     has_post = getattr(split, "posterior", None) is not None
     sequences = False
     agree = torch.zeros(len(references), dtype=torch.float64, device=device)
@@ -61,8 +60,6 @@ def _evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, batch_size
             inputs = runtime.inputs(batch.inputs)
             outputs = forward(model, inputs, model, (), batch.index)
             logits = outputs.logits
-            if teacher is not None:
-                taught = forward(teacher, inputs, teacher, (), batch.index).logits
         if classes is not None and logits.shape[-1] != classes:  # another vocabulary: not comparable
             model.train(was_training)
             return {}, None
@@ -76,8 +73,6 @@ def _evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, batch_size
         logq = torch.log_softmax(logits.float(), -1)
         picked = logq.gather(-1, batch.target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         sums[5] -= torch.where(keep, picked, 0.0).sum()
-        if teacher is not None:
-            sums[6] += ((taught.argmax(-1) == top) & keep).sum()
         for j, ref in enumerate(references.values()):
             theirs = ref[done:done + top.numel()].to(device).view(top.shape)
             agree[j] += ((theirs == top) & keep).sum()
@@ -98,8 +93,6 @@ def _evaluate(model: nn.Module, split, prefix: str, runtime: Runtime, batch_size
     out = {f"{prefix}_acc": sums[0].item() / n, f"{prefix}_nll": sums[5].item() / n}
     if sequences:
         out[f"{prefix}_ppl"] = math.exp(min(out[f"{prefix}_nll"], 700.0))
-    if teacher is not None:
-        out[f"{prefix}_agreement"] = sums[6].item() / n
     out.update({key: agree[j].item() / n for j, key in enumerate(references)})
     if has_post:
         out[f"{prefix}_tv"] = sums[2].item() / n

@@ -155,14 +155,12 @@ class Trainer:
         return losses
 
     def evaluate(self, split, prefix: str, model: nn.Module | None = None, *,
-                 agreement: bool = False, references: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+                 references: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         """:func:`kdcore.engine.evaluate.evaluate` of ``model`` (default: the student); with
-        ``agreement`` also its top-1 agreement with the teacher (run alongside); with
         ``references`` its agreement with the teachers' kept predictions (see there)."""
-        model = model or self.student
-        teacher = self.teacher if agreement and model is not self.teacher else None
-        return evaluate(model, split, prefix, self.runtime, batch_size=self.config.run.eval_batch_size,
-                        num_workers=self.config.run.num_workers, teacher=teacher, references=references)
+        return evaluate(model or self.student, split, prefix, self.runtime,
+                        batch_size=self.config.run.eval_batch_size, num_workers=self.config.run.num_workers,
+                        references=references)
 
     # -- checkpoints --------------------------------------------------------------------------
     def student_state(self) -> dict[str, Any]:
