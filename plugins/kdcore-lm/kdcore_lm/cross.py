@@ -50,8 +50,12 @@ class CrossTokenizerTeacher(nn.Module):
         if position_ids is not None:
             raise ConfigError("teacher.backbone: cross_tokenizer takes one document per row, not packed rows "
                               "(position_ids); set data.packing = false")
+        if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ConfigError("teacher.backbone: cross_tokenizer takes right-padded rows (the attention mask's "
+                              "ones, then its zeros); a row here is padded on the left: pad on the right")
         rows = self._rows(input_ids, attention_mask)
         t_ids, t_mask = self._teacher_batch([ids for ids, _ in rows], input_ids.device)
+        self._check_length(t_ids.shape[-1])
         out = Outputs.of(self.teacher(input_ids=t_ids, attention_mask=t_mask))
         t_probs = torch.softmax(out.logits.float(), -1)  # [B, Tt, Vt]
         logits = torch.zeros(*input_ids.shape, self.projection.width, device=t_probs.device)
@@ -84,6 +88,16 @@ class CrossTokenizerTeacher(nn.Module):
             t_ids, t_spans = self.teacher_vocab.encode(text)
             out.append((t_ids, align(s_spans, row[:n], t_spans, self.projection) + [(-1, -1)] * (len(row) - n)))
         return out
+
+    def _check_length(self, length: int) -> None:
+        """Refuse a row whose text the teacher's tokenizer makes longer than the teacher's
+        positions (``max_position_embeddings`` of a transformers config, where it has one)."""
+        config = getattr(getattr(self.teacher, "model", None), "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and length > limit:
+            raise ConfigError(f"teacher.backbone: a row of this batch is {length} tokens for the teacher's "
+                              f"tokenizer, more than its {limit} positions (max_position_embeddings); shorten "
+                              "data.length, or give the teacher more positions")
 
     def _teacher_batch(self, rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
         """The teacher's ids ``[B, Tt]`` (right-padded with id 0) and attention mask."""

@@ -367,6 +367,30 @@ def test_a_damaged_tokenizer_directory_is_named(tmp_path, capsys, files, reason)
                               f"tokenizer.save_pretrained({str(tok)!r})\n")
 
 
+def test_left_padded_rows_are_refused():
+    ids = data().test.inputs["input_ids"][:2]
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with pytest.raises(kdcore.ConfigError) as err:
+        build()(input_ids=ids, attention_mask=mask)
+    assert str(err.value) == ("teacher.backbone: cross_tokenizer takes right-padded rows (the attention mask's "
+                              "ones, then its zeros); a row here is padded on the left: pad on the right")
+
+
+def test_a_row_longer_than_the_teachers_positions_is_refused():
+    """A teacher with learned positions (gpt2, 12 of them) and rows of 16 student tokens,
+    which the teacher's tokenizer makes longer still: one line, not an index error."""
+    teacher = kdcore.create("backbone", "cross_tokenizer", num_classes=None,
+                            teacher={"backbone": "hf", "config": {**H.TINY["gpt2"], "n_positions": 12}},
+                            teacher_tokenizer=tokenizer("teacher"), student_tokenizer=tokenizer("student"))
+    with pytest.raises(kdcore.ConfigError) as err:
+        teacher(input_ids=data().test.inputs["input_ids"][:2])
+    assert str(err.value).startswith("teacher.backbone: a row of this batch is ")
+    assert str(err.value).endswith(" tokens for the teacher's tokenizer, more than its 12 positions "
+                                   "(max_position_embeddings); shorten data.length, or give the teacher more "
+                                   "positions")
+
+
 def test_packed_rows_are_refused():
     with pytest.raises(kdcore.ConfigError) as err:
         build()(input_ids=torch.zeros(1, 4, dtype=torch.long), position_ids=torch.tensor([[0, 1, 0, 1]]))
