@@ -247,6 +247,25 @@ def test_an_ensemble_term_equals_the_average_computed_by_hand(teachers, tmp_path
         assert float(got.detach()) == pytest.approx(float(_kd64(s, teacher, 1.0)), rel=1e-5, abs=1e-7)
 
 
+def test_an_ensemble_several_terms_name_is_made_once_a_step(teachers, tmp_path, monkeypatch):
+    """kd and dkd on the same ensemble, and a third term on another weighting: two ensembles a
+    step, each equal to the one a term alone gets."""
+    from kdcore.engine import teachers as binding
+
+    made = []
+    original = binding.ensemble_outputs
+    monkeypatch.setattr(binding, "ensemble_outputs", lambda *a, **k: (made.append(a[1:]), original(*a, **k))[1])
+    both = {"teacher": ["a", "b"]}
+    loss = [{"name": "kd", **both}, {"name": "dkd", **both},
+            {"name": "kd", "temperature": 2.0, "teacher_weights": [1, 3], **both, "id": "kd_w"}]
+    trainer = build_trainer(two_teacher_config(teachers, loss), tmp_path / "run", quiet=True)
+    batch = _first_batches(trainer, 1)[0]
+    got = trainer.train_step(batch)
+    assert made == [("probs", None), ("probs", (0.25, 0.75))]  # kd and dkd share the first
+    alone = build_trainer(two_teacher_config(teachers, [loss[1]]), tmp_path / "alone", quiet=True)
+    assert float(alone.train_step(batch)["dkd"].detach()) == pytest.approx(float(got["dkd"].detach()), rel=1e-6)
+
+
 def test_an_ensemble_of_token_level_outputs_and_fused_outputs_is_the_same_average():
     """``[B, T, V]`` logits (positions with target -100 are the loss's business, not the
     ensemble's) and a teacher that gives ``Outputs(hidden, head)`` (its logits computed)."""

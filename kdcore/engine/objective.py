@@ -119,10 +119,7 @@ class Term:
         by name (several teachers) the bound teacher's, or the ensemble of its teachers."""
         if not isinstance(teacher, Mapping):
             return teacher
-        if len(self.teachers) == 1:
-            return teacher[self.teachers[0]]
-        return teachers.ensemble_outputs([teacher[n] for n in self.teachers], self.ensemble,
-                                         self.teacher_weights)
+        return teachers.StepTeachers.of(teacher).select(self.teachers, self.ensemble, self.teacher_weights)
 
     def _value(self, student: Outputs, teacher: Outputs | Mapping[str, Outputs] | None, target: Tensor) -> Any:
         """The loss called with what it declares it needs (see the module's docstring)."""
@@ -254,7 +251,10 @@ class Objective:
     def losses(self, student: Outputs, teacher: Outputs | Mapping[str, Outputs] | None, target: Tensor,
                weights: Mapping[str, float], names=None, step: int | None = None) -> dict[str, Tensor]:
         """Unweighted value of every active term (among ``names`` if given); ``step``, the
-        optimizer step's number, goes into the message of a term that fails."""
+        optimizer step's number, goes into the message of a term that fails. Several teachers'
+        outputs are wrapped so that an ensemble that several terms name is made once."""
+        if isinstance(teacher, Mapping):
+            teacher = teachers.StepTeachers.of(teacher)
         return {t.id: t(student, teacher, target, step) for t in self.active(weights, names)}
 
     @staticmethod

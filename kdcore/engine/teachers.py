@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,30 @@ def ensemble_outputs(outputs: Sequence[Outputs], reduction: str = "probs",
     masks = [o.known for o in outputs if o.known is not None]
     known = functools.reduce(torch.logical_and, masks) if masks else None
     return Outputs(logits=logits, index=outputs[0].index, known=known)
+
+
+class StepTeachers(dict):
+    """One step's teachers' outputs by name, which make each ensemble the step's terms name
+    once (:meth:`ensemble`), however many terms use it."""
+
+    def __init__(self, outputs: Mapping[str, Outputs]):
+        super().__init__(outputs)
+        self._ensembles: dict[tuple, Outputs] = {}
+
+    @classmethod
+    def of(cls, outputs: Mapping[str, Outputs]) -> "StepTeachers":
+        """``outputs`` itself where it is one already (its ensembles kept), else wrapped."""
+        return outputs if isinstance(outputs, cls) else cls(outputs)
+
+    def select(self, names: Sequence[str], reduction: str, weights: Sequence[float] | None) -> Outputs:
+        """Teacher ``names[0]``'s outputs, or for several names their :func:`ensemble_outputs`,
+        made on first use in this step."""
+        if len(names) == 1:
+            return self[names[0]]
+        key = (tuple(names), reduction, None if weights is None else tuple(weights))
+        if key not in self._ensembles:
+            self._ensembles[key] = ensemble_outputs([self[n] for n in names], reduction, weights)
+        return self._ensembles[key]
 
 
 def bind(spec: LossTermConfig, config: Config, path: str, uses_teacher: bool,
