@@ -97,9 +97,9 @@ class StoreTeacher:
     def __init__(self, reader: store.StoreReader, device: torch.device, where: str = "teacher.store"):
         self.reader, self.device, self.where = reader, device, where  # where: the store's key path
 
-    def _check_kept(self, batch: Batch) -> None:
-        index = batch.index.cpu()
-        missing = (batch.target.cpu() != IGNORE_INDEX) & ~self.reader.kept(index)
+    def _check_kept(self, batch: Batch, index: Tensor, kept: Tensor) -> None:
+        """Refuse a batch with a target where the store has no record (``kept`` False)."""
+        missing = (batch.target.cpu() != IGNORE_INDEX) & ~kept
         if bool(missing.any()):
             row, pos = (int(v) for v in missing.reshape(len(index), -1).nonzero()[0])
             raise RunFailure(f"{self.where}: {self.reader.root} holds no teacher at position {pos} of training "
@@ -107,9 +107,11 @@ class StoreTeacher:
                              "targets); capture the store again from this data")
 
     def __call__(self, batch: Batch, inputs, taps: Sequence[str]) -> TopKOutputs:
-        if self.reader.manifest.get(store.DROPS):
-            self._check_kept(batch)
-        ids, logp, rest = self.reader.read(batch.index.cpu())
+        index = batch.index.cpu()
+        kept = self.reader.kept(index) if self.reader.manifest.get(store.DROPS) else None
+        if kept is not None:
+            self._check_kept(batch, index, kept)
+        ids, logp, rest = self.reader.read(index, kept)
         nb = self.device.type == "cuda"
         return TopKOutputs(ids.to(self.device, non_blocking=nb), logp.to(self.device, non_blocking=nb),
                            None if rest is None else rest.to(self.device, non_blocking=nb), index=batch.index,

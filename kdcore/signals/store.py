@@ -340,11 +340,12 @@ class StoreReader:
         rows, owner = np.concatenate(parts), np.concatenate(order)
         return rows[np.argsort(owner, kind="stable")]
 
-    def read(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def read(self, index: Tensor, kept: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(ids [n, *target_shape, k], logp [.., k], log_rest [n, *target_shape] or None)``,
         every record checked (:func:`~kdcore.signals.records.check_values`); positions without a
-        record (:meth:`kept`) hold :func:`~kdcore.signals.records.placeholder`."""
-        kept = self.kept(index).reshape(-1)
+        record (:meth:`kept`, or ``kept`` where the caller has it already) hold
+        :func:`~kdcore.signals.records.placeholder`."""
+        kept = (self.kept(index) if kept is None else kept).reshape(-1)
         try:
             ids, logp, rest = decode(self.layout, self.records(index))
             check_values(self.layout, ids, logp, rest)
